@@ -1,0 +1,5 @@
+"""The public ops, one module per kernel family."""
+
+from deepkern.ops import momentum as momentum
+
+__all__ = ["momentum"]
