@@ -11,6 +11,7 @@ from importlib import metadata
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from deepkern import _C
+from deepkern import nn as nn
 from deepkern import ops as ops
 
 logging.getLogger("deepkern").addHandler(logging.NullHandler())

@@ -1,0 +1,415 @@
+"""MomentumNet: any stack of residual functions as a momentum network that backpropagates
+without storing activations.
+
+Forward rule, for residual functions f_1 ... f_L and momentum gamma::
+
+    v <- gamma v + (1 - gamma) f_k(x)
+    x <- x + v
+
+With ``memory="reversible"`` the forward keeps only the final state; the backward walks the
+layers in reverse, recovering each input from the output, recomputing f once, and applying the
+fused backward step. In float arithmetic the recovery loses bits at every layer (the error is
+multiplied by 1 / gamma per layer), so ``exact=True`` (the default) runs the state in int64 fixed
+point and keeps the bits that the multiplication by gamma drops in a buffer that grows with depth
+(log2(1 / gamma) bits per layer and element, about 0.15 at gamma = 0.9). Recovery is then bit
+for bit at any depth, and the gradients are those of plain backpropagation through the same
+forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+
+from deepkern.ops import momentum as ops
+
+__all__ = ["MomentumNet", "NondeterministicResidualError"]
+
+
+class NondeterministicResidualError(RuntimeError):
+    """A residual function gave different values when recomputed in the backward pass."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Replaying a residual function exactly: random state, buffers, deterministic algorithms.
+
+
+def _rng_devices(x: Tensor) -> list[int]:
+    return [x.device.index or 0] if x.is_cuda else []
+
+
+def _rng_state(devices: list[int]):
+    cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+    return torch.get_rng_state(), cuda_states
+
+
+def _rng_changed(before, after) -> bool:
+    if not torch.equal(before[0], after[0]):
+        return True
+    return any(not torch.equal(a, b) for a, b in zip(before[1], after[1]))
+
+
+@contextlib.contextmanager
+def _replay_rng(state, devices: list[int]):
+    """Run the body with the random state a layer saw in the forward pass, then restore ours."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        for device, cuda_state in zip(devices, state[1]):
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
+@contextlib.contextmanager
+def _frozen_buffers(module: nn.Module):
+    """Recompute without touching buffers: BatchNorm statistics move once per forward only."""
+    buffers = list(module.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    """Ask PyTorch for deterministic algorithms, so that f gives the same bits twice."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    previous_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
+
+
+def _apply(function: nn.Module, index: int, x: Tensor) -> Tensor:
+    out = function(x)
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(
+            f"residual function {index} ({type(function).__name__}) must return a tensor shaped "
+            f"like its input {tuple(x.shape)}, got {shape}"
+        )
+    return out
+
+
+class _Config:
+    """What the autograd function needs besides tensors."""
+
+    def __init__(self, functions, gamma, exact_gamma, frac_bits, deterministic):
+        self.functions = functions
+        self.gamma = gamma
+        self.exact_gamma = exact_gamma
+        self.frac_bits = frac_bits
+        self.deterministic = deterministic
+        # Parameters per layer, and the distinct ones in order (layers may share a module).
+        self.layer_params = [[p for p in f.parameters() if p.requires_grad] for f in functions]
+        seen: dict[int, Tensor] = {}
+        for params in self.layer_params:
+            for p in params:
+                seen.setdefault(id(p), p)
+        self.params = list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes that keep no activations.
+
+
+def _forward_float(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
+    rng_states = []
+    devices = _rng_devices(x)
+    for k, function in enumerate(cfg.functions):
+        before = _rng_state(devices) if record_rng else None
+        fx = _apply(function, k, x)
+        changed = record_rng and _rng_changed(before, _rng_state(devices))
+        rng_states.append(before if changed else None)
+        x, v = ops.forward(x, v, fx.to(x.dtype), cfg.gamma)
+    return x, v, rng_states
+
+
+def _first_bad_layer(statuses: list[Tensor]) -> int | None:
+    errors = torch.stack([s[1] for s in statuses]) if statuses else None
+    if errors is None or int(errors.sum()) == 0:
+        return None
+    return int(torch.nonzero(errors)[0, 0])
+
+
+def _forward_exact(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
+    gamma, bits = cfg.exact_gamma, cfg.frac_bits
+    fixed_x, fixed_v = ops.to_fixed(x, bits), ops.to_fixed(v, bits)
+    buffer = torch.zeros((1, x.numel()), dtype=torch.int32, device=x.device)
+    statuses, rng_states = [], []
+    devices = _rng_devices(x)
+
+    for k, function in enumerate(cfg.functions):
+        state = ops.from_fixed(fixed_x, bits, x.dtype)
+        before = _rng_state(devices) if record_rng else None
+        fx = _apply(function, k, state)
+        changed = record_rng and _rng_changed(before, _rng_state(devices))
+        rng_states.append(before if changed else None)
+        limbs = ops.buffer_limbs(gamma, k + 1)
+        fixed_x, fixed_v, buffer, status = ops.exact_forward(
+            fixed_x, fixed_v, fx, buffer, gamma, bits, limbs
+        )
+        statuses.append(status)
+
+    # One synchronisation for the whole stack: any element out of range fails the call.
+    bad = _first_bad_layer(statuses)
+    if bad is not None:
+        raise ValueError(
+            f"exact mode: residual function {bad} returned non-finite values, or the state left "
+            f"the fixed-point range (|x|, |v| < 2^{61 - bits} with {bits} fractional bits)"
+        )
+    checksums = torch.stack([s[0] for s in statuses]) if statuses else None
+    return fixed_x, fixed_v, buffer, checksums, rng_states
+
+
+# ---------------------------------------------------------------------------------------------
+# The autograd function: reversible backward for both arithmetic modes.
+
+
+class _ReversibleMomentum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: _Config, exact: bool, x: Tensor, v: Tensor, *params: Tensor):
+        ctx.cfg, ctx.exact = cfg, exact
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.devices = _rng_devices(x)
+        with torch.no_grad(), _deterministic(cfg.deterministic):
+            if exact:
+                fixed_x, fixed_v, buffer, checksums, rng = _forward_exact(cfg, x, v, True)
+                ctx.save_for_backward(fixed_x, fixed_v, buffer, checksums)
+                bits = cfg.frac_bits
+                x_out = ops.from_fixed(fixed_x, bits, x.dtype)
+                v_out = ops.from_fixed(fixed_v, bits, x.dtype)
+            else:
+                x_out, v_out, rng = _forward_float(cfg, x, v, True)
+                ctx.save_for_backward(x_out, v_out)
+        ctx.rng_states = rng
+        return x_out, v_out
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor, grad_v: Tensor):
+        cfg = ctx.cfg
+        grad_x = torch.zeros(ctx.shape, dtype=ctx.dtype) if grad_x is None else grad_x
+        grad_v = torch.zeros_like(grad_x) if grad_v is None else grad_v
+        grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
+        param_grads: dict[int, Tensor] = {}
+
+        if ctx.exact:
+            state = list(ctx.saved_tensors)
+            statuses = []
+        else:
+            x, v = ctx.saved_tensors
+
+        for k in reversed(range(len(cfg.functions))):
+            function = cfg.functions[k]
+
+            # Recover this layer's input and recompute f on it, as the forward saw it.
+            if ctx.exact:
+                fixed_x, fixed_v, buffer, checksums = state
+                layer_input = ops.from_fixed(fixed_x - fixed_v, cfg.frac_bits, ctx.dtype)
+            else:
+                layer_input = x - v
+            layer_input = layer_input.detach().requires_grad_(True)
+            with (
+                torch.enable_grad(),
+                _deterministic(cfg.deterministic),
+                _replay_rng(ctx.rng_states[k], ctx.devices),
+                _frozen_buffers(function),
+            ):
+                fx = _apply(function, k, layer_input)
+
+            # Step the state back.
+            if ctx.exact:
+                limbs = ops.buffer_limbs(cfg.exact_gamma, k)
+                fixed_x, fixed_v, buffer, status = ops.exact_inverse(
+                    fixed_x, fixed_v, fx.detach(), buffer, cfg.exact_gamma, cfg.frac_bits, limbs
+                )
+                statuses.append((k, status, checksums[k]))
+                state = [fixed_x, fixed_v, buffer, checksums]
+            else:
+                x, v = ops.inverse(x, v, fx.detach().to(ctx.dtype), cfg.gamma)
+
+            # Pull the gradients through the layer.
+            cotangent = (1 - cfg.gamma) * (grad_x + grad_v)
+            inputs = [layer_input] + cfg.layer_params[k]
+            grads = torch.autograd.grad(
+                fx, inputs, cotangent.to(fx.dtype), allow_unused=True, materialize_grads=True
+            )
+            grad_x, grad_v = ops.backward(grad_x, grad_v, grads[0].to(ctx.dtype), cfg.gamma)
+            for p, g in zip(cfg.layer_params[k], grads[1:]):
+                previous = param_grads.get(id(p))
+                param_grads[id(p)] = g if previous is None else previous + g
+
+        if ctx.exact:
+            _check_replay(statuses)
+        return (None, None, grad_x, grad_v, *[param_grads.get(id(p)) for p in cfg.params])
+
+
+def _check_replay(statuses) -> None:
+    """Refuse to return gradients computed from states that differ from the forward's."""
+    if not statuses:
+        return
+    mismatch = torch.stack([s[1][0] != s[2] for s in statuses])
+    errors = torch.stack([s[1][1] for s in statuses])
+    if bool(mismatch.any()) or int(errors.sum()) != 0:
+        layers = sorted(s[0] for s, bad in zip(statuses, mismatch.tolist()) if bad)
+        raise NondeterministicResidualError(
+            "exact reversible backward: recomputing the residual functions did not reproduce "
+            f"the forward pass (layers {layers or 'unknown'}); the function is not "
+            "deterministic (random layers without a seed, nondeterministic kernels, or state "
+            "that changes between calls), so no gradient is returned"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The module.
+
+
+class MomentumNet(nn.Module):
+    """A stack of residual functions run as a momentum network.
+
+    Args:
+        functions (iterable of nn.Module): the residual functions f_1 ... f_L; each maps a
+            tensor to one of the same shape.
+        gamma (float in (0, 1]): momentum. 0.9 is the usual choice.
+        init_speed (float): the initial velocity, v_0 = init_speed everywhere.
+        memory ("reversible" or "backprop"): "reversible" stores no activations and recomputes
+            each f once in the backward pass; "backprop" is plain autograd.
+        exact (bool): with reversible memory, run the state in fixed point so that the
+            backward recovers every activation bit for bit (default). With False, recovery is
+            in floating point and its error grows by 1 / gamma per layer.
+        frac_bits (int): fractional bits of the fixed-point state in exact mode.
+
+    Shapes:
+        forward(x: Tensor[*]) -> Tensor[*], floating point. ``return_velocity=True`` returns
+        (x, v).
+
+    Raises:
+        ValueError: gamma outside (0, 1], an unknown memory mode, a residual function that
+            changes the shape of its input, non-finite values in exact mode.
+        NondeterministicResidualError: in exact mode, when recomputing f in the backward pass
+            gives different values than the forward did.
+
+    Notes:
+        Recomputation leaves the functions' buffers as the forward left them (BatchNorm running
+        statistics move once per forward) and replays the random state of layers that drew
+        random numbers (dropout). Exact mode rounds gamma to a fraction with denominator at
+        most 65536 and synchronises with the device once per forward and once per backward
+        to check for errors. Parameters must be registered on the functions to get gradients.
+
+    Example:
+        >>> blocks = [nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(64)]
+        >>> net = MomentumNet(blocks, gamma=0.9)
+        >>> net(torch.randn(8, 16)).sum().backward()
+    """
+
+    def __init__(
+        self,
+        functions: Iterable[nn.Module],
+        gamma: float = 0.9,
+        init_speed: float = 0.0,
+        memory: str = "reversible",
+        exact: bool = True,
+        frac_bits: int = ops.DEFAULT_FRAC_BITS,
+    ):
+        super().__init__()
+        self.functions = nn.ModuleList(functions)
+        if memory not in ("reversible", "backprop"):
+            raise ValueError(f"memory must be 'reversible' or 'backprop', got {memory!r}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0 < gamma <= 1):
+            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+        if not isinstance(frac_bits, int) or not 8 <= frac_bits <= 52:
+            raise ValueError(f"frac_bits must be an integer in [8, 52], got {frac_bits!r}")
+        if not math.isfinite(init_speed):
+            raise ValueError(f"init_speed must be finite, got {init_speed!r}")
+        self.gamma = float(gamma)
+        self.init_speed = float(init_speed)
+        self.memory = memory
+        self.exact = bool(exact)
+        self.frac_bits = frac_bits
+        self._exact_gamma: Fraction = ops.exact_gamma(self.gamma)
+        if self.exact and memory == "reversible" and float(self._exact_gamma) != self.gamma:
+            warnings.warn(
+                f"exact mode uses gamma = {self._exact_gamma} = {float(self._exact_gamma)!r} "
+                f"in place of {self.gamma!r}",
+                stacklevel=2,
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"depth={len(self.functions)}, gamma={self.gamma}, memory={self.memory!r}, "
+            f"exact={self.exact}"
+        )
+
+    def forward(self, x: Tensor, v: Tensor | None = None, return_velocity: bool = False):
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        if v is None:
+            v = torch.full_like(x, self.init_speed)
+        elif v.shape != x.shape or v.dtype != x.dtype or v.device != x.device:
+            raise ValueError(
+                f"v must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} "
+                f"on {x.device}, v is {tuple(v.shape)} {v.dtype} on {v.device}"
+            )
+
+        if self.memory == "backprop":
+            x_out, v_out = self._forward_backprop(x, v)
+        else:
+            x_out, v_out = self._forward_reversible(x, v)
+        return (x_out, v_out) if return_velocity else x_out
+
+    def _gamma_for_arithmetic(self) -> float:
+        exact = self.exact and self.memory == "reversible"
+        return float(self._exact_gamma) if exact else self.gamma
+
+    def _config(self) -> _Config:
+        return _Config(
+            self.functions,
+            self._gamma_for_arithmetic(),
+            self._exact_gamma,
+            self.frac_bits,
+            deterministic=self.exact,
+        )
+
+    def _forward_backprop(self, x: Tensor, v: Tensor):
+        for k, function in enumerate(self.functions):
+            x, v = ops.forward(x, v, _apply(function, k, x).to(x.dtype), self.gamma)
+        return x, v
+
+    def _forward_reversible(self, x: Tensor, v: Tensor):
+        cfg = self._config()
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or v.requires_grad or bool(cfg.params)
+        )
+        if needs_grad:
+            return _ReversibleMomentum.apply(cfg, self.exact, x, v, *cfg.params)
+
+        # Inference: the same arithmetic, nothing saved.
+        if self.exact:
+            fixed_x, fixed_v, _, _, _ = _forward_exact(cfg, x, v, False)
+            return (
+                ops.from_fixed(fixed_x, self.frac_bits, x.dtype),
+                ops.from_fixed(fixed_v, self.frac_bits, x.dtype),
+            )
+        x_out, v_out, _ = _forward_float(cfg, x, v, False)
+        return x_out, v_out
+
+
