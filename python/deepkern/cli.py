@@ -1,0 +1,90 @@
+"""The ``deepkern`` command: the demo, the microbenchmarks, the paper reproductions.
+
+Library code never prints; this module is where output happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import deepkern
+
+    info = deepkern.build_info()
+    info["package_version"] = deepkern.__version__
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from deepkern.models import momentum_resnet
+
+    return momentum_resnet.run_demo(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from deepkern import bench
+
+    return bench.run(args)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from deepkern.models import momentum_resnet
+
+    runners = {"momentum": momentum_resnet.run_reproduce}
+    return runners[args.model](args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepkern", description="deepkern kernels, models and benchmarks"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="what the installed extension was compiled with")
+    info.set_defaults(run=_info)
+
+    from deepkern import bench
+    from deepkern.models import momentum_resnet
+
+    demo = commands.add_parser(
+        "demo",
+        help="train a reversible Momentum ResNet beside a plain ResNet on scikit-learn digits",
+    )
+    momentum_resnet.add_demo_arguments(demo)
+    demo.set_defaults(run=_demo)
+
+    bench_parser = commands.add_parser("bench", help="run a kernel family's microbenchmarks")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=_bench)
+
+    reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
+    reproduce_models = reproduce.add_subparsers(dest="model", required=True)
+    momentum = reproduce_models.add_parser(
+        "momentum", help="Momentum ResNets (Sander et al. 2021) against ResNets"
+    )
+    momentum_resnet.add_reproduce_arguments(momentum)
+    reproduce.set_defaults(run=_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"deepkern {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
