@@ -107,21 +107,27 @@ C10_HOST_DEVICE inline bool in_state_range(int64_t a) {
 
 // One exact forward step for one element. Returns false when a value left the safe range (the
 // caller counts these and the Python layer raises). `q` receives the update for the checksum.
+//
+// v * numer / denom is computed as floor((v numer + s) / denom), where s in [0, numer) is a
+// digit popped from the buffer and the remainder of the division is pushed back onto it. The
+// result is within one unit of the exact product, and the buffer grows by log2(denom / numer)
+// bits. Writing v = a denom + r keeps every intermediate inside int64.
 C10_HOST_DEVICE inline bool exact_forward_step(int64_t* x, int64_t* v, double f,
                                                double update_scale, uint32_t* limbs,
                                                int64_t stride, int64_t num_limbs, uint32_t numer,
                                                uint32_t denom, int64_t* q) {
   bool ok = fixed_update(f, update_scale, q) && in_state_range(*x) && in_state_range(*v);
 
-  // v * numer / denom: push v mod denom onto the buffer, pop a digit in [0, numer) back out.
-  const int64_t remainder = floor_mod(*v, denom);
-  const int64_t quotient = floor_div(*v, denom);
-  ok = (buffer_mul_add(limbs, stride, num_limbs, denom, static_cast<uint32_t>(remainder)) == 0) &&
-       ok;
+  const int64_t high = floor_div(*v, denom);
+  const int64_t low = floor_mod(*v, denom);
   const int64_t popped = buffer_divmod(limbs, stride, num_limbs, numer);
+  const int64_t scaled_low = low * numer + popped;  // in [0, denom * numer)
+  ok = (buffer_mul_add(limbs, stride, num_limbs, denom,
+                       static_cast<uint32_t>(scaled_low % denom)) == 0) &&
+       ok;
 
   if (ok) {
-    *v = quotient * numer + popped + *q;
+    *v = high * numer + scaled_low / denom + *q;
     *x = *x + *v;
     ok = in_state_range(*x) && in_state_range(*v);
   }
@@ -138,14 +144,16 @@ C10_HOST_DEVICE inline bool exact_inverse_step(int64_t* x, int64_t* v, double f,
   *x = *x - *v;
   const int64_t scaled_v = *v - *q;
 
-  // Undo the pop: the low digit of scaled_v in base numer goes back onto the buffer; then undo
-  // the push: the digit in base denom comes off the buffer into v.
-  const int64_t popped = floor_mod(scaled_v, numer);
-  const int64_t quotient = floor_div(scaled_v, numer);
-  ok = buffer_mul_add(limbs, stride, num_limbs, numer, static_cast<uint32_t>(popped)) == 0;
+  // scaled_v = high numer + floor(scaled_low / denom), whose second term lies in [0, numer).
+  const int64_t high = floor_div(scaled_v, numer);
+  const int64_t quotient_low = floor_mod(scaled_v, numer);
   const int64_t remainder = buffer_divmod(limbs, stride, num_limbs, denom);
-  if (quotient >= kStateLimit / denom || quotient <= -(kStateLimit / denom)) return false;
-  *v = quotient * denom + remainder;
+  const int64_t scaled_low = quotient_low * denom + remainder;
+  ok = buffer_mul_add(limbs, stride, num_limbs, numer,
+                      static_cast<uint32_t>(scaled_low % numer)) == 0;
+
+  if (high >= kStateLimit / denom || high <= -(kStateLimit / denom)) return false;
+  *v = high * denom + scaled_low / numer;
   return ok && in_state_range(*x) && in_state_range(*v);
 }
 

@@ -134,6 +134,11 @@ def reference_backward(
 
 def _fake_pair(a: Tensor, b: Tensor, c: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     torch._check(a.shape == b.shape and a.shape == c.shape, lambda: "shapes must agree")
+    torch._check(a.dtype == b.dtype and a.dtype == c.dtype, lambda: "dtypes must agree")
+    torch._check(
+        a.device == b.device and a.device == c.device,
+        lambda: f"all inputs must be on one device, got {a.device}, {b.device}, {c.device}",
+    )
     torch._check(0.0 < gamma <= 1.0, lambda: f"gamma must lie in (0, 1], got {gamma}")
     return torch.empty_like(a, memory_format=torch.contiguous_format), torch.empty_like(
         a, memory_format=torch.contiguous_format
@@ -199,14 +204,15 @@ def exact_gamma(gamma: float) -> Fraction:
 def buffer_limbs(gamma: Fraction, steps: int) -> int:
     """32-bit limbs that the buffer needs after ``steps`` exact forward steps from zero.
 
-    Each step maps the buffer B to floor((B d + r) / n) with r < d, so after k steps
-    B < d / (d - n) * (d / n)^k: k log2(d / n) + log2(d / (d - n)) bits. Two spare bits absorb
-    the rounding of the logarithms. At gamma = 0.9 that is 0.152 bits per step; at 0.5, one.
+    Each step maps the buffer B to floor(B / n) d + u with u < d, so B_k < c B_{k-1} + d with
+    c = d / n, and from zero B_k < d n c^k / (d - n): k log2(d / n) + log2(d n / (d - n)) bits.
+    Two spare bits absorb the rounding of the logarithms. At gamma = 0.9 that is 0.152 bits per
+    step; at 0.5, one.
     """
     numer, denom = gamma.numerator, gamma.denominator
     if numer == denom or steps == 0:
         return 1
-    bits = steps * math.log2(denom / numer) + math.log2(denom / (denom - numer)) + 2
+    bits = steps * math.log2(denom / numer) + math.log2(denom * numer / (denom - numer)) + 2
     return max(1, math.ceil(bits / 32))
 
 
@@ -289,6 +295,10 @@ def exact_inverse(
 def _fake_exact(x, v, f, buffer, numer, denom, frac_bits, limbs):
     torch._check(x.shape == v.shape and x.shape == f.shape, lambda: "shapes must agree")
     torch._check(buffer.dim() == 2, lambda: "buffer must be 2-D")
+    torch._check(
+        x.device == v.device == f.device == buffer.device,
+        lambda: "x, v, f and buffer must be on one device",
+    )
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
