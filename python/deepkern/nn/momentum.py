@@ -220,39 +220,41 @@ class _ReversibleMomentum(torch.autograd.Function):
 
         for k in reversed(range(len(cfg.functions))):
             function = cfg.functions[k]
+            # Buffers come back after the layer's gradients are taken: autograd may have saved
+            # them (BatchNorm saves its running statistics).
+            with _frozen_buffers(function):
+                # Recover this layer's input and recompute f on it, as the forward saw it.
+                if ctx.exact:
+                    fixed_x, fixed_v, buffer, checksums = state
+                    layer_input = ops.from_fixed(fixed_x - fixed_v, cfg.frac_bits, ctx.dtype)
+                else:
+                    layer_input = x - v
+                layer_input = layer_input.detach().requires_grad_(True)
+                with (
+                    torch.enable_grad(),
+                    _deterministic(cfg.deterministic),
+                    _replay_rng(ctx.rng_states[k], ctx.devices),
+                ):
+                    fx = _apply(function, k, layer_input)
 
-            # Recover this layer's input and recompute f on it, as the forward saw it.
-            if ctx.exact:
-                fixed_x, fixed_v, buffer, checksums = state
-                layer_input = ops.from_fixed(fixed_x - fixed_v, cfg.frac_bits, ctx.dtype)
-            else:
-                layer_input = x - v
-            layer_input = layer_input.detach().requires_grad_(True)
-            with (
-                torch.enable_grad(),
-                _deterministic(cfg.deterministic),
-                _replay_rng(ctx.rng_states[k], ctx.devices),
-                _frozen_buffers(function),
-            ):
-                fx = _apply(function, k, layer_input)
+                # Step the state back.
+                if ctx.exact:
+                    limbs = ops.buffer_limbs(cfg.exact_gamma, k)
+                    fixed_x, fixed_v, buffer, status = ops.exact_inverse(
+                        fixed_x, fixed_v, fx.detach(), buffer, cfg.exact_gamma, cfg.frac_bits,
+                        limbs,
+                    )
+                    statuses.append((k, status, checksums[k]))
+                    state = [fixed_x, fixed_v, buffer, checksums]
+                else:
+                    x, v = ops.inverse(x, v, fx.detach().to(ctx.dtype), cfg.gamma)
 
-            # Step the state back.
-            if ctx.exact:
-                limbs = ops.buffer_limbs(cfg.exact_gamma, k)
-                fixed_x, fixed_v, buffer, status = ops.exact_inverse(
-                    fixed_x, fixed_v, fx.detach(), buffer, cfg.exact_gamma, cfg.frac_bits, limbs
+                # Pull the gradients through the layer.
+                cotangent = (1 - cfg.gamma) * (grad_x + grad_v)
+                inputs = [layer_input] + cfg.layer_params[k]
+                grads = torch.autograd.grad(
+                    fx, inputs, cotangent.to(fx.dtype), allow_unused=True, materialize_grads=True
                 )
-                statuses.append((k, status, checksums[k]))
-                state = [fixed_x, fixed_v, buffer, checksums]
-            else:
-                x, v = ops.inverse(x, v, fx.detach().to(ctx.dtype), cfg.gamma)
-
-            # Pull the gradients through the layer.
-            cotangent = (1 - cfg.gamma) * (grad_x + grad_v)
-            inputs = [layer_input] + cfg.layer_params[k]
-            grads = torch.autograd.grad(
-                fx, inputs, cotangent.to(fx.dtype), allow_unused=True, materialize_grads=True
-            )
             grad_x, grad_v = ops.backward(grad_x, grad_v, grads[0].to(ctx.dtype), cfg.gamma)
             for p, g in zip(cfg.layer_params[k], grads[1:]):
                 previous = param_grads.get(id(p))
