@@ -15,15 +15,19 @@
 TORCH_LIBRARY(deepkern, m) {
   // momentum: Momentum ResNet steps in float and in exact fixed-point arithmetic.
   m.def("momentum_forward(Tensor x, Tensor v, Tensor f, float gamma) -> (Tensor, Tensor)");
-  m.def("momentum_inverse(Tensor x_next, Tensor v_next, Tensor f, float gamma)"
-        " -> (Tensor, Tensor)");
-  m.def("momentum_backward(Tensor grad_x_next, Tensor grad_v_next, Tensor vjp, float gamma)"
-        " -> (Tensor, Tensor)");
-  m.def("momentum_exact_forward(Tensor x, Tensor v, Tensor f, Tensor buffer, int numer,"
-        " int denom, int frac_bits, int buffer_limbs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("momentum_exact_inverse(Tensor x_next, Tensor v_next, Tensor f, Tensor buffer,"
-        " int numer, int denom, int frac_bits, int buffer_limbs)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "momentum_inverse(Tensor x_next, Tensor v_next, Tensor f, float gamma)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "momentum_backward(Tensor grad_x_next, Tensor grad_v_next, Tensor vjp, float gamma)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "momentum_exact_forward(Tensor x, Tensor v, Tensor f, Tensor buffer, int numer,"
+      " int denom, int frac_bits, int buffer_limbs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "momentum_exact_inverse(Tensor x_next, Tensor v_next, Tensor f, Tensor buffer,"
+      " int numer, int denom, int frac_bits, int buffer_limbs)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -28,8 +29,8 @@ C10_HOST_DEVICE inline void forward_step(scalar_t x, scalar_t v, scalar_t f, acc
 }
 
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void inverse_step(scalar_t x_next, scalar_t v_next, scalar_t f,
-                                         acc_t gamma, scalar_t* x, scalar_t* v) {
+C10_HOST_DEVICE inline void inverse_step(scalar_t x_next, scalar_t v_next, scalar_t f, acc_t gamma,
+                                         scalar_t* x, scalar_t* v) {
   *x = static_cast<scalar_t>(static_cast<acc_t>(x_next) - static_cast<acc_t>(v_next));
   *v = static_cast<scalar_t>(
       (static_cast<acc_t>(v_next) - (acc_t(1) - gamma) * static_cast<acc_t>(f)) / gamma);
@@ -38,9 +39,8 @@ C10_HOST_DEVICE inline void inverse_step(scalar_t x_next, scalar_t v_next, scala
 // `vjp` is J_f(x)^T applied to (1 - gamma) (grad_x_next + grad_v_next); the caller computes it
 // with autograd because f is an arbitrary module.
 template <typename scalar_t, typename acc_t>
-C10_HOST_DEVICE inline void backward_step(scalar_t grad_x_next, scalar_t grad_v_next,
-                                          scalar_t vjp, acc_t gamma, scalar_t* grad_x,
-                                          scalar_t* grad_v) {
+C10_HOST_DEVICE inline void backward_step(scalar_t grad_x_next, scalar_t grad_v_next, scalar_t vjp,
+                                          acc_t gamma, scalar_t* grad_x, scalar_t* grad_v) {
   const acc_t total = static_cast<acc_t>(grad_x_next) + static_cast<acc_t>(grad_v_next);
   *grad_x = static_cast<scalar_t>(static_cast<acc_t>(grad_x_next) + static_cast<acc_t>(vjp));
   *grad_v = static_cast<scalar_t>(gamma * total);
@@ -113,9 +113,9 @@ C10_HOST_DEVICE inline bool in_state_range(int64_t a) {
 // result is within one unit of the exact product, and the buffer grows by log2(denom / numer)
 // bits. Writing v = a denom + r keeps every intermediate inside int64.
 C10_HOST_DEVICE inline bool exact_forward_step(int64_t* x, int64_t* v, double f,
-                                               double update_scale, uint32_t* limbs,
-                                               int64_t stride, int64_t num_limbs, uint32_t numer,
-                                               uint32_t denom, int64_t* q) {
+                                               double update_scale, uint32_t* limbs, int64_t stride,
+                                               int64_t num_limbs, uint32_t numer, uint32_t denom,
+                                               int64_t* q) {
   bool ok = fixed_update(f, update_scale, q) && in_state_range(*x) && in_state_range(*v);
 
   const int64_t high = floor_div(*v, denom);
@@ -136,9 +136,9 @@ C10_HOST_DEVICE inline bool exact_forward_step(int64_t* x, int64_t* v, double f,
 
 // The exact inverse of exact_forward_step, given f evaluated at the recovered x = x' - v'.
 C10_HOST_DEVICE inline bool exact_inverse_step(int64_t* x, int64_t* v, double f,
-                                               double update_scale, uint32_t* limbs,
-                                               int64_t stride, int64_t num_limbs, uint32_t numer,
-                                               uint32_t denom, int64_t* q) {
+                                               double update_scale, uint32_t* limbs, int64_t stride,
+                                               int64_t num_limbs, uint32_t numer, uint32_t denom,
+                                               int64_t* q) {
   bool ok = fixed_update(f, update_scale, q) && in_state_range(*x) && in_state_range(*v);
   if (!ok) return false;
   *x = *x - *v;
@@ -149,8 +149,8 @@ C10_HOST_DEVICE inline bool exact_inverse_step(int64_t* x, int64_t* v, double f,
   const int64_t quotient_low = floor_mod(scaled_v, numer);
   const int64_t remainder = buffer_divmod(limbs, stride, num_limbs, denom);
   const int64_t scaled_low = quotient_low * denom + remainder;
-  ok = buffer_mul_add(limbs, stride, num_limbs, numer,
-                      static_cast<uint32_t>(scaled_low % numer)) == 0;
+  ok = buffer_mul_add(limbs, stride, num_limbs, numer, static_cast<uint32_t>(scaled_low % numer)) ==
+       0;
 
   if (high >= kStateLimit / denom || high <= -(kStateLimit / denom)) return false;
   *v = high * denom + scaled_low / numer;

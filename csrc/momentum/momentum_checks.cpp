@@ -1,4 +1,5 @@
 #include <ATen/ATen.h>
+
 #include <cmath>
 
 #include "common/checks.h"
@@ -7,8 +8,7 @@
 namespace deepkern::momentum {
 
 void check_step_inputs(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                       const char* b_name, const at::Tensor& c, const char* c_name,
-                       double gamma) {
+                       const char* b_name, const at::Tensor& c, const char* c_name, double gamma) {
   check_floating(a, a_name);
   check_same_dtype(b, b_name, a, a_name);
   check_same_dtype(c, c_name, a, a_name);
@@ -16,8 +16,8 @@ void check_step_inputs(const at::Tensor& a, const char* a_name, const at::Tensor
   check_same_shape(c, c_name, a, a_name);
   check_same_device(b, b_name, a, a_name);
   check_same_device(c, c_name, a, a_name);
-  TORCH_CHECK(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0,
-              "gamma must lie in (0, 1], got ", gamma);
+  TORCH_CHECK(std::isfinite(gamma) && gamma > 0.0 && gamma <= 1.0, "gamma must lie in (0, 1], got ",
+              gamma);
 }
 
 void check_exact_inputs(const at::Tensor& x, const char* x_name, const at::Tensor& v,
@@ -32,14 +32,12 @@ void check_exact_inputs(const at::Tensor& x, const char* x_name, const at::Tenso
   check_same_device(v, v_name, x, x_name);
   check_same_device(f, "f", x, x_name);
   check_same_device(buffer, "buffer", x, x_name);
-  TORCH_CHECK(buffer.dim() == 2 && buffer.size(1) == x.numel(),
-              "buffer must have shape [limbs, ", x.numel(), "] (one column per element of ",
-              x_name, "), got ", buffer.sizes());
+  TORCH_CHECK(buffer.dim() == 2 && buffer.size(1) == x.numel(), "buffer must have shape [limbs, ",
+              x.numel(), "] (one column per element of ", x_name, "), got ", buffer.sizes());
   TORCH_CHECK(denom >= 1 && denom <= 65536, "denom must lie in [1, 65536], got ", denom);
   TORCH_CHECK(numer >= 1 && numer <= denom, "numer must lie in [1, denom = ", denom, "], got ",
               numer);
-  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 52, "frac_bits must lie in [0, 52], got ",
-              frac_bits);
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 52, "frac_bits must lie in [0, 52], got ", frac_bits);
   TORCH_CHECK(buffer_limbs >= 1, "buffer_limbs must be at least 1, got ", buffer_limbs);
 }
 

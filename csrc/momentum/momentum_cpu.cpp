@@ -27,8 +27,8 @@ constexpr char kExactInverseName[] = "momentum_exact_inverse";
 
 // The three float-mode ops share one shape: three inputs in, two outputs out.
 template <const char* op_name, typename Step>
-TensorPair run_pairwise(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                        double gamma, Step step) {
+TensorPair run_pairwise(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double gamma,
+                        Step step) {
   const at::Tensor a_in = a.contiguous();
   const at::Tensor b_in = b.contiguous();
   const at::Tensor c_in = c.contiguous();
@@ -102,11 +102,10 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
           int64_t vi = pv[i];
           int64_t q = 0;
           const double fi = static_cast<double>(pf[i]);
-          const bool ok =
-              kForward ? exact_forward_step(&xi, &vi, fi, update_scale, limbs + i, n, work_limbs,
-                                            numer, denom, &q)
-                       : exact_inverse_step(&xi, &vi, fi, update_scale, limbs + i, n, work_limbs,
-                                            numer, denom, &q);
+          const bool ok = kForward ? exact_forward_step(&xi, &vi, fi, update_scale, limbs + i, n,
+                                                        work_limbs, numer, denom, &q)
+                                   : exact_inverse_step(&xi, &vi, fi, update_scale, limbs + i, n,
+                                                        work_limbs, numer, denom, &q);
           // A shrinking inverse must leave the dropped top limbs empty.
           bool fits = true;
           for (int64_t l = buffer_limbs; l < work_limbs; ++l) fits = fits && limbs[l * n + i] == 0;
@@ -142,20 +141,18 @@ TensorPair forward_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tenso
                        double gamma) {
   check_step_inputs(x, "x", v, "v", f, "f", gamma);
   check_device_type(x, "x", c10::DeviceType::CPU);
-  return run_pairwise<kForwardName>(x, v, f, gamma,
-                      [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) {
-                        forward_step(a, b, c, g, o0, o1);
-                      });
+  return run_pairwise<kForwardName>(
+      x, v, f, gamma,
+      [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) { forward_step(a, b, c, g, o0, o1); });
 }
 
 TensorPair inverse_cpu(const at::Tensor& x_next, const at::Tensor& v_next, const at::Tensor& f,
                        double gamma) {
   check_step_inputs(x_next, "x_next", v_next, "v_next", f, "f", gamma);
   check_device_type(x_next, "x_next", c10::DeviceType::CPU);
-  return run_pairwise<kInverseName>(x_next, v_next, f, gamma,
-                      [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) {
-                        inverse_step(a, b, c, g, o0, o1);
-                      });
+  return run_pairwise<kInverseName>(
+      x_next, v_next, f, gamma,
+      [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) { inverse_step(a, b, c, g, o0, o1); });
 }
 
 TensorPair backward_cpu(const at::Tensor& grad_x_next, const at::Tensor& grad_v_next,
@@ -163,9 +160,9 @@ TensorPair backward_cpu(const at::Tensor& grad_x_next, const at::Tensor& grad_v_
   check_step_inputs(grad_x_next, "grad_x_next", grad_v_next, "grad_v_next", vjp, "vjp", gamma);
   check_device_type(grad_x_next, "grad_x_next", c10::DeviceType::CPU);
   return run_pairwise<kBackwardName>(grad_x_next, grad_v_next, vjp, gamma,
-                      [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) {
-                        backward_step(a, b, c, g, o0, o1);
-                      });
+                                     [](auto a, auto b, auto c, auto g, auto* o0, auto* o1) {
+                                       backward_step(a, b, c, g, o0, o1);
+                                     });
 }
 
 ExactResult exact_forward_cpu(const at::Tensor& x, const at::Tensor& v, const at::Tensor& f,
@@ -173,9 +170,8 @@ ExactResult exact_forward_cpu(const at::Tensor& x, const at::Tensor& v, const at
                               int64_t frac_bits, int64_t buffer_limbs) {
   check_exact_inputs(x, "x", v, "v", f, buffer, numer, denom, frac_bits, buffer_limbs);
   check_device_type(x, "x", c10::DeviceType::CPU);
-  TORCH_CHECK(buffer_limbs >= buffer.size(0), "buffer_limbs must be at least the ",
-              buffer.size(0), " limbs buffer already has (a forward step never shrinks it), got ",
-              buffer_limbs);
+  TORCH_CHECK(buffer_limbs >= buffer.size(0), "buffer_limbs must be at least the ", buffer.size(0),
+              " limbs buffer already has (a forward step never shrinks it), got ", buffer_limbs);
   return run_exact<true>(x, v, f, buffer, numer, denom, frac_bits, buffer_limbs);
 }
 

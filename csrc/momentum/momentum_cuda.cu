@@ -81,8 +81,8 @@ TensorPair run_pairwise(const at::Tensor& a, const at::Tensor& b, const at::Tens
 template <bool kForward, typename scalar_t>
 __global__ void exact_kernel(const int64_t* __restrict__ x, const int64_t* __restrict__ v,
                              const scalar_t* __restrict__ f, uint32_t* __restrict__ limbs,
-                             int64_t work_limbs, int64_t keep_limbs, uint32_t numer,
-                             uint32_t denom, double update_scale, int64_t* __restrict__ x_out,
+                             int64_t work_limbs, int64_t keep_limbs, uint32_t numer, uint32_t denom,
+                             double update_scale, int64_t* __restrict__ x_out,
                              int64_t* __restrict__ v_out, unsigned long long* status, int64_t n) {
   unsigned long long hash = 0;
   unsigned long long errors = 0;
@@ -133,8 +133,8 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
       exact_kernel<kForward, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           x_in.const_data_ptr<int64_t>(), v_in.const_data_ptr<int64_t>(),
           f_in.const_data_ptr<scalar_t>(),
-          reinterpret_cast<uint32_t*>(work.mutable_data_ptr<int32_t>()), work_limbs,
-          buffer_limbs, static_cast<uint32_t>(numer), static_cast<uint32_t>(denom), update_scale,
+          reinterpret_cast<uint32_t*>(work.mutable_data_ptr<int32_t>()), work_limbs, buffer_limbs,
+          static_cast<uint32_t>(numer), static_cast<uint32_t>(denom), update_scale,
           x_out.mutable_data_ptr<int64_t>(), v_out.mutable_data_ptr<int64_t>(),
           reinterpret_cast<unsigned long long*>(status.mutable_data_ptr<int64_t>()), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -166,8 +166,7 @@ TensorPair backward_cuda(const at::Tensor& grad_x_next, const at::Tensor& grad_v
                          const at::Tensor& vjp, double gamma) {
   check_step_inputs(grad_x_next, "grad_x_next", grad_v_next, "grad_v_next", vjp, "vjp", gamma);
   check_device_type(grad_x_next, "grad_x_next", c10::DeviceType::CUDA);
-  return run_pairwise<StepKind::kBackward, kBackwardName>(grad_x_next, grad_v_next, vjp,
-                                                         gamma);
+  return run_pairwise<StepKind::kBackward, kBackwardName>(grad_x_next, grad_v_next, vjp, gamma);
 }
 
 ExactResult exact_forward_cuda(const at::Tensor& x, const at::Tensor& v, const at::Tensor& f,
@@ -175,9 +174,8 @@ ExactResult exact_forward_cuda(const at::Tensor& x, const at::Tensor& v, const a
                                int64_t frac_bits, int64_t buffer_limbs) {
   check_exact_inputs(x, "x", v, "v", f, buffer, numer, denom, frac_bits, buffer_limbs);
   check_device_type(x, "x", c10::DeviceType::CUDA);
-  TORCH_CHECK(buffer_limbs >= buffer.size(0), "buffer_limbs must be at least the ",
-              buffer.size(0), " limbs buffer already has (a forward step never shrinks it), got ",
-              buffer_limbs);
+  TORCH_CHECK(buffer_limbs >= buffer.size(0), "buffer_limbs must be at least the ", buffer.size(0),
+              " limbs buffer already has (a forward step never shrinks it), got ", buffer_limbs);
   return run_exact<true>(x, v, f, buffer, numer, denom, frac_bits, buffer_limbs);
 }
 

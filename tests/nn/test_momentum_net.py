@@ -222,8 +222,9 @@ def test_rejects_unknown_memory_mode():
         MomentumNet(_mlp_functions(2), memory="checkpoint")
 
 
-@pytest.mark.parametrize("memory,exact", [("reversible", True), ("reversible", False),
-                                          ("backprop", False)])
+@pytest.mark.parametrize(
+    "memory,exact", [("reversible", True), ("reversible", False), ("backprop", False)]
+)
 def test_rejects_a_function_that_changes_shape(memory, exact):
     functions = _mlp_functions(2, dtype=torch.float32) + [nn.Linear(8, 3)]
     net = MomentumNet(functions, memory=memory, exact=exact)

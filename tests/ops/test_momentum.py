@@ -129,7 +129,10 @@ def test_compile_fullgraph():
         (lambda a, b, c: (a, b, c, 0.0), "gamma must lie in \\(0, 1\\]"),
         (lambda a, b, c: (a, b, c, 1.5), "gamma must lie in \\(0, 1\\]"),
         (lambda a, b, c: (a, b, c, float("nan")), "gamma must lie in \\(0, 1\\]"),
-        (lambda a, b, c: (a, b.to("meta"), c, 0.9), "(v must be on the device of x|all inputs must be on one device)"),
+        (
+            lambda a, b, c: (a, b.to("meta"), c, 0.9),
+            "(v must be on the device of x|all inputs must be on one device)",
+        ),
     ],
 )
 def test_forward_rejects_bad_input(make_args, message):
@@ -177,8 +180,14 @@ def test_exact_forward_rejects_bad_input(change, message):
     scalars.update({k: val for k, val in change.items() if k in scalars})
     with pytest.raises(RuntimeError, match=message):
         torch.ops.deepkern.momentum_exact_forward(
-            tensors["x"], tensors["v"], tensors["f"], tensors["buffer"], scalars["numer"],
-            scalars["denom"], scalars["frac_bits"], scalars["limbs"],
+            tensors["x"],
+            tensors["v"],
+            tensors["f"],
+            tensors["buffer"],
+            scalars["numer"],
+            scalars["denom"],
+            scalars["frac_bits"],
+            scalars["limbs"],
         )
 
 
@@ -268,8 +277,9 @@ def test_exact_recovers_input_bit_for_bit_at_depth_1000(gamma):
     assert peak_limbs == ops.buffer_limbs(ops.exact_gamma(gamma), 1000)
     assert peak_limbs * 32 >= 1000 * math.log2(1 / gamma)
     # Inputs on the fixed-point grid come back as the very same floats.
-    assert torch.equal(ops.from_fixed(end[0], 32, torch.float64), ops.from_fixed(start[0], 32,
-                                                                                torch.float64))
+    assert torch.equal(
+        ops.from_fixed(end[0], 32, torch.float64), ops.from_fixed(start[0], 32, torch.float64)
+    )
 
 
 def test_float_inverse_drifts_where_exact_does_not():
@@ -321,8 +331,9 @@ def test_exact_forward_is_close_to_float_step():
 
 def test_exact_empty_input():
     x = torch.zeros(0, dtype=torch.int64)
-    out = ops.exact_forward(x, x, torch.zeros(0), torch.zeros(1, 0, dtype=torch.int32),
-                            ops.exact_gamma(0.9), 32, 2)
+    out = ops.exact_forward(
+        x, x, torch.zeros(0), torch.zeros(1, 0, dtype=torch.int32), ops.exact_gamma(0.9), 32, 2
+    )
     assert out[0].shape == (0,) and out[2].shape == (2, 0) and int(out[3][1]) == 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from fractions import Fraction
 
 import torch
@@ -241,7 +241,12 @@ class _ReversibleMomentum(torch.autograd.Function):
                 if ctx.exact:
                     limbs = ops.buffer_limbs(cfg.exact_gamma, k)
                     fixed_x, fixed_v, buffer, status = ops.exact_inverse(
-                        fixed_x, fixed_v, fx.detach(), buffer, cfg.exact_gamma, cfg.frac_bits,
+                        fixed_x,
+                        fixed_v,
+                        fx.detach(),
+                        buffer,
+                        cfg.exact_gamma,
+                        cfg.frac_bits,
                         limbs,
                     )
                     statuses.append((k, status, checksums[k]))
@@ -413,5 +418,3 @@ class MomentumNet(nn.Module):
             )
         x_out, v_out, _ = _forward_float(cfg, x, v, False)
         return x_out, v_out
-
-
