@@ -66,18 +66,17 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
   const at::Tensor x_in = x.contiguous();
   const at::Tensor v_in = v.contiguous();
   const at::Tensor f_in = f.contiguous();
+  const at::Tensor buffer_in = buffer.contiguous();
   const int64_t n = x_in.numel();
-  const int64_t limbs_in = buffer.size(0);
-
-  // The working buffer holds max(limbs_in, buffer_limbs) limbs; the forward zero-extends it.
-  const int64_t work_limbs = std::max(limbs_in, buffer_limbs);
-  at::Tensor work = at::zeros({work_limbs, n}, buffer.options());
-  work.narrow(0, 0, limbs_in).copy_(buffer);
+  const int64_t limbs_in = buffer_in.size(0);
 
   at::Tensor x_out = at::empty_like(x_in);
   at::Tensor v_out = at::empty_like(v_in);
+  at::Tensor buffer_out = at::empty({buffer_limbs, n}, buffer_in.options());
   at::Tensor status = at::zeros({2}, x_in.options());
   const double update_scale = exact_update_scale(numer, denom, frac_bits);
+  const SmallDivisor numer_div = make_divisor(static_cast<uint32_t>(numer));
+  const SmallDivisor denom_div = make_divisor(static_cast<uint32_t>(denom));
 
   const int64_t num_chunks = (n + kExactChunk - 1) / kExactChunk;
   std::vector<uint64_t> chunk_hash(num_chunks, 0);
@@ -90,7 +89,8 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
     const scalar_t* pf = f_in.const_data_ptr<scalar_t>();
     int64_t* px_out = x_out.mutable_data_ptr<int64_t>();
     int64_t* pv_out = v_out.mutable_data_ptr<int64_t>();
-    uint32_t* limbs = reinterpret_cast<uint32_t*>(work.mutable_data_ptr<int32_t>());
+    const uint32_t* limbs_read = reinterpret_cast<const uint32_t*>(buffer_in.const_data_ptr());
+    uint32_t* limbs_write = reinterpret_cast<uint32_t*>(buffer_out.mutable_data_ptr());
 
     at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -102,17 +102,15 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
           int64_t vi = pv[i];
           int64_t q = 0;
           const double fi = static_cast<double>(pf[i]);
-          const bool ok = kForward ? exact_forward_step(&xi, &vi, fi, update_scale, limbs + i, n,
-                                                        work_limbs, numer, denom, &q)
-                                   : exact_inverse_step(&xi, &vi, fi, update_scale, limbs + i, n,
-                                                        work_limbs, numer, denom, &q);
-          // A shrinking inverse must leave the dropped top limbs empty.
-          bool fits = true;
-          for (int64_t l = buffer_limbs; l < work_limbs; ++l) fits = fits && limbs[l * n + i] == 0;
+          const BufferView view{limbs_read + i, limbs_in, limbs_write + i, buffer_limbs, n};
+          const bool ok =
+              kForward
+                  ? exact_forward_step(&xi, &vi, fi, update_scale, view, numer_div, denom_div, &q)
+                  : exact_inverse_step(&xi, &vi, fi, update_scale, view, numer_div, denom_div, &q);
           px_out[i] = xi;
           pv_out[i] = vi;
           hash += checksum_term(q, i);
-          errors += (ok && fits) ? 0 : 1;
+          errors += ok ? 0 : 1;
         }
         chunk_hash[chunk] = hash;
         chunk_errors[chunk] = errors;
@@ -129,9 +127,6 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
   int64_t* ps = status.mutable_data_ptr<int64_t>();
   ps[0] = static_cast<int64_t>(hash);
   ps[1] = static_cast<int64_t>(errors);
-
-  at::Tensor buffer_out =
-      work_limbs == buffer_limbs ? work : work.narrow(0, 0, buffer_limbs).clone();
   return {x_out, v_out, buffer_out, status};
 }
 

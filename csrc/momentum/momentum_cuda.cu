@@ -77,13 +77,15 @@ TensorPair run_pairwise(const at::Tensor& a, const at::Tensor& b, const at::Tens
 }
 
 // status[0] accumulates the checksum and status[1] the error count with integer atomics, which
-// are exact and order independent, so the result is deterministic.
+// are exact and order independent, so the result is deterministic. Limb l of element i sits at
+// l * n + i, so consecutive threads touch consecutive words.
 template <bool kForward, typename scalar_t>
 __global__ void exact_kernel(const int64_t* __restrict__ x, const int64_t* __restrict__ v,
-                             const scalar_t* __restrict__ f, uint32_t* __restrict__ limbs,
-                             int64_t work_limbs, int64_t keep_limbs, uint32_t numer, uint32_t denom,
-                             double update_scale, int64_t* __restrict__ x_out,
-                             int64_t* __restrict__ v_out, unsigned long long* status, int64_t n) {
+                             const scalar_t* __restrict__ f, const uint32_t* __restrict__ limbs_in,
+                             int64_t in_limbs, uint32_t* __restrict__ limbs_out, int64_t out_limbs,
+                             SmallDivisor numer, SmallDivisor denom, double update_scale,
+                             int64_t* __restrict__ x_out, int64_t* __restrict__ v_out,
+                             unsigned long long* status, int64_t n) {
   unsigned long long hash = 0;
   unsigned long long errors = 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -92,16 +94,14 @@ __global__ void exact_kernel(const int64_t* __restrict__ x, const int64_t* __res
     int64_t vi = v[i];
     int64_t q = 0;
     const double fi = static_cast<double>(f[i]);
-    const bool ok = kForward ? exact_forward_step(&xi, &vi, fi, update_scale, limbs + i, n,
-                                                  work_limbs, numer, denom, &q)
-                             : exact_inverse_step(&xi, &vi, fi, update_scale, limbs + i, n,
-                                                  work_limbs, numer, denom, &q);
-    bool fits = true;
-    for (int64_t l = keep_limbs; l < work_limbs; ++l) fits = fits && limbs[l * n + i] == 0;
+    const BufferView view{limbs_in + i, in_limbs, limbs_out + i, out_limbs, n};
+    const bool ok = kForward
+                        ? exact_forward_step(&xi, &vi, fi, update_scale, view, numer, denom, &q)
+                        : exact_inverse_step(&xi, &vi, fi, update_scale, view, numer, denom, &q);
     x_out[i] = xi;
     v_out[i] = vi;
     hash += checksum_term(q, i);
-    errors += (ok && fits) ? 0 : 1;
+    errors += ok ? 0 : 1;
   }
   atomicAdd(status, hash);
   atomicAdd(status + 1, errors);
@@ -115,34 +115,29 @@ ExactResult run_exact(const at::Tensor& x, const at::Tensor& v, const at::Tensor
   const at::Tensor x_in = x.contiguous();
   const at::Tensor v_in = v.contiguous();
   const at::Tensor f_in = f.contiguous();
+  const at::Tensor buffer_in = buffer.contiguous();
   const int64_t n = x_in.numel();
-  const int64_t limbs_in = buffer.size(0);
 
-  const int64_t work_limbs = std::max(limbs_in, buffer_limbs);
-  at::Tensor work = at::zeros({work_limbs, n}, buffer.options());
-  work.narrow(0, 0, limbs_in).copy_(buffer);
   at::Tensor x_out = at::empty_like(x_in);
   at::Tensor v_out = at::empty_like(v_in);
+  at::Tensor buffer_out = at::empty({buffer_limbs, n}, buffer_in.options());
   at::Tensor status = at::zeros({2}, x_in.options());
+  if (n == 0) return {x_out, v_out, buffer_out, status};
 
-  if (n > 0) {
-    const double update_scale = exact_update_scale(numer, denom, frac_bits);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    constexpr const char* op_name = kForward ? kExactForwardName : kExactInverseName;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f_in.scalar_type(), op_name, [&] {
-      exact_kernel<kForward, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-          x_in.const_data_ptr<int64_t>(), v_in.const_data_ptr<int64_t>(),
-          f_in.const_data_ptr<scalar_t>(),
-          reinterpret_cast<uint32_t*>(work.mutable_data_ptr<int32_t>()), work_limbs, buffer_limbs,
-          static_cast<uint32_t>(numer), static_cast<uint32_t>(denom), update_scale,
-          x_out.mutable_data_ptr<int64_t>(), v_out.mutable_data_ptr<int64_t>(),
-          reinterpret_cast<unsigned long long*>(status.mutable_data_ptr<int64_t>()), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-
-  at::Tensor buffer_out =
-      work_limbs == buffer_limbs ? work : work.narrow(0, 0, buffer_limbs).clone();
+  const double update_scale = exact_update_scale(numer, denom, frac_bits);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr const char* op_name = kForward ? kExactForwardName : kExactInverseName;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f_in.scalar_type(), op_name, [&] {
+    exact_kernel<kForward, scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        x_in.const_data_ptr<int64_t>(), v_in.const_data_ptr<int64_t>(),
+        f_in.const_data_ptr<scalar_t>(),
+        reinterpret_cast<const uint32_t*>(buffer_in.const_data_ptr()), buffer_in.size(0),
+        reinterpret_cast<uint32_t*>(buffer_out.mutable_data_ptr()), buffer_limbs,
+        make_divisor(static_cast<uint32_t>(numer)), make_divisor(static_cast<uint32_t>(denom)),
+        update_scale, x_out.mutable_data_ptr<int64_t>(), v_out.mutable_data_ptr<int64_t>(),
+        reinterpret_cast<unsigned long long*>(status.mutable_data_ptr<int64_t>()), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return {x_out, v_out, buffer_out, status};
 }
 

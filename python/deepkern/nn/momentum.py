@@ -175,7 +175,8 @@ def _forward_exact(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
     if bad is not None:
         raise ValueError(
             f"exact mode: residual function {bad} returned non-finite values, or the state left "
-            f"the fixed-point range (|x|, |v| < 2^{61 - bits} with {bits} fractional bits)"
+            f"the fixed-point range (|x|, |v| < 2^{ops.STATE_BITS - bits} with {bits} fractional "
+            "bits; fewer fractional bits widen it)"
         )
     checksums = torch.stack([s[0] for s in statuses]) if statuses else None
     return fixed_x, fixed_v, buffer, checksums, rng_states
@@ -303,7 +304,8 @@ class MomentumNet(nn.Module):
         exact (bool): with reversible memory, run the state in fixed point so that the
             backward recovers every activation bit for bit (default). With False, recovery is
             in floating point and its error grows by 1 / gamma per layer.
-        frac_bits (int): fractional bits of the fixed-point state in exact mode.
+        frac_bits (int): fractional bits of the fixed-point state in exact mode. The state
+            must stay below 2^(52 - frac_bits) in magnitude: 2^20 with the default 32.
 
     Shapes:
         forward(x: Tensor[*]) -> Tensor[*], floating point. ``return_velocity=True`` returns

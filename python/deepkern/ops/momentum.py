@@ -38,13 +38,14 @@ __all__ = [
     "MAX_DENOMINATOR",
 ]
 
-# 32 fractional bits: float32 states above 2^-9 in magnitude convert without loss, and the int64
-# range leaves |x| < 2^29 before the kernels report an out-of-range error.
+# 32 fractional bits: float32 states above 2^-9 in magnitude convert without loss, and the
+# kernels' range (|x| < 2^52 in fixed point) leaves |x| < 2^20 before they report an error.
 DEFAULT_FRAC_BITS = 32
 # Limbs are 32 bits and the kernels multiply them by the denominator in 64-bit integers.
 MAX_DENOMINATOR = 1 << 16
-# The kernels keep fixed-point magnitudes below 2^61 (see momentum.h).
-_STATE_LIMIT = 2.0**61
+# The kernels keep fixed-point magnitudes below 2^52 (see momentum.h).
+STATE_BITS = 52
+_STATE_LIMIT = 2.0**STATE_BITS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> Tensor:
 
     Raises:
         ValueError: if x holds non-finite values or values too large for the fixed-point range
-            (|x| >= 2^(61 - frac_bits)). This reads the tensor's values (a host sync on CUDA).
+            (|x| >= 2^(52 - frac_bits)). This reads the tensor's values (a host sync on CUDA).
     """
     scaled = x.detach().to(torch.float64) * (2.0**frac_bits)
     finite = torch.isfinite(scaled)
@@ -231,7 +232,7 @@ def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> Tensor:
         raise ValueError("exact mode needs finite inputs, but x holds NaN or infinite values")
     if x.numel() and float(scaled.abs().max()) >= _STATE_LIMIT:
         raise ValueError(
-            f"x is too large for exact mode: |x| must stay below 2^{61 - frac_bits} with "
+            f"x is too large for exact mode: |x| must stay below 2^{STATE_BITS - frac_bits} with "
             f"{frac_bits} fractional bits, got max |x| = {float(x.abs().max()):.6g}"
         )
     return torch.round(scaled).to(torch.int64)
