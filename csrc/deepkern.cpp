@@ -28,6 +28,18 @@ TORCH_LIBRARY(deepkern, m) {
       "momentum_exact_inverse(Tensor x_next, Tensor v_next, Tensor f, Tensor buffer,"
       " int numer, int denom, int frac_bits, int buffer_limbs)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // sde: fused Euler-Maruyama simulation with counter-based normals.
+  m.def(
+      "sde_euler(Tensor x0, Tensor sigma, Tensor? matrix, Tensor? bias, Tensor? out_matrix,"
+      " Tensor? out_bias, int drift_kind, int activation, float h, int steps, int first_step,"
+      " int save_every, int seed, bool antithetic) -> Tensor");
+  m.def("sde_normals(Tensor like, int steps, int first_step, int seed, bool antithetic) -> Tensor");
+  m.def(
+      "sde_monte_carlo(Tensor x0, Tensor sigma, Tensor? matrix, Tensor? bias, Tensor? out_matrix,"
+      " Tensor? out_bias, int drift_kind, int activation, float h, int steps, int paths, int seed,"
+      " bool antithetic, int functional, Tensor weights, float offset, bool log_coordinates)"
+      " -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {
