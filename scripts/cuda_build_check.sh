@@ -30,8 +30,13 @@ print("built:", info)
 assert info["cuda"], "the CUDA kernels were not compiled in"
 for arch in ("80", "90"):
     assert arch in info["cuda_archs"].split(","), f"sm_{arch} missing from {info['cuda_archs']}"
-for name in ("momentum_forward", "momentum_exact_forward"):
-    op = getattr(torch.ops.deepkern, name).default
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
-print("CUDA kernels registered for every momentum op")
+
+def registered(key):
+    names = torch._C._dispatch_get_registrations_for_dispatch_key(key)
+    return {n for n in names if n.startswith("deepkern::")}
+
+
+cpu, cuda = registered("CPU"), registered("CUDA")
+assert cpu and cpu == cuda, f"ops without a CUDA kernel: {sorted(cpu - cuda)}"
+print(f"CUDA kernels registered for all {len(cuda)} ops: {sorted(cuda)}")
 PY
