@@ -415,3 +415,9 @@ def test_cuda_matches_cpu():
         seed=2,
     )
     torch.testing.assert_close(stats_gpu.cpu(), stats_cpu, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
+def test_seed_must_be_a_63_bit_integer(seed):
+    with pytest.raises(ValueError, match="seed must be an integer in \\[0, 2\\^63\\)"):
+        _call(seed=seed)

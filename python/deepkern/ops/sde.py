@@ -77,6 +77,14 @@ class Drift:
         return [self.matrix, self.bias, self.out_matrix, self.out_bias]
 
 
+def _checked_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is None:
+        return default_seed(generator)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
+
+
 def default_seed(generator: torch.Generator | None = None) -> int:
     """A 62-bit seed drawn from torch's generator, so ``torch.manual_seed`` fixes the run."""
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
@@ -90,7 +98,9 @@ def normals(
     Entry [k, p, i] is Z_{first_step + k} of path p, coordinate i. Used by the reference and to
     measure the generator's rate alone.
     """
-    return torch.ops.deepkern.sde_normals(like, steps, first_step, seed, antithetic)
+    return torch.ops.deepkern.sde_normals(
+        like, steps, first_step, _checked_seed(seed, None), antithetic
+    )
 
 
 def simulate(
@@ -136,7 +146,7 @@ def simulate(
         >>> x_T = simulate(torch.zeros(1000, 3), torch.tensor(0.5), h=0.01, steps=100, seed=1)
     """
     drift = drift or Drift.zero()
-    seed = default_seed(generator) if seed is None else int(seed)
+    seed = _checked_seed(seed, generator)
     return torch.ops.deepkern.sde_euler(
         x0,
         sigma,
@@ -198,7 +208,7 @@ def monte_carlo(
             "them with PyTorch to get gradients"
         )
     drift = drift or Drift.zero()
-    seed = default_seed(generator) if seed is None else int(seed)
+    seed = _checked_seed(seed, generator)
     if weights is None:
         weights = torch.ones(x0.shape[-1], dtype=x0.dtype, device=x0.device)
     return torch.ops.deepkern.sde_monte_carlo(
