@@ -272,7 +272,7 @@ def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
     train_epoch = mr._train_epoch
 
     def crash_in_second_epoch(*args, **kwargs):
-        if args[5] == 1:  # the epoch index
+        if kwargs["epoch"] == 1:
             raise Crash
         return train_epoch(*args, **kwargs)
 

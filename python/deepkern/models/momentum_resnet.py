@@ -584,7 +584,14 @@ def train(
     try:
         for epoch in range(start_epoch, config.epochs):
             record = _train_epoch(
-                net, model, optimizer, sampler, config, epoch, x_train, y_train, bar, name
+                net,
+                optimizer,
+                sampler,
+                config,
+                epoch=epoch,
+                data=(x_train, y_train),
+                bar=bar,
+                name=name,
             )
             record["train_seconds"] = record.pop("seconds")
             if test_data is not None:
@@ -622,7 +629,9 @@ def train(
     }
 
 
-def _train_epoch(net, model, optimizer, sampler, config, epoch, x_train, y_train, bar, name):
+def _train_epoch(net, optimizer, sampler, config, *, epoch, data, bar, name) -> dict:
+    """One pass over this process's shard; returns the epoch's training loss and accuracy."""
+    x_train, y_train = data
     device = torch.device(config.device)
     _, world = _distributed()
     sampler.set_epoch(epoch)
