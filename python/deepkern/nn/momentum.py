@@ -190,7 +190,7 @@ class _ReversibleMomentum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Config, exact: bool, x: Tensor, v: Tensor, *params: Tensor):
         ctx.cfg, ctx.exact = cfg, exact
-        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
         ctx.devices = _rng_devices(x)
         with torch.no_grad(), _deterministic(cfg.deterministic):
             if exact:
@@ -208,7 +208,8 @@ class _ReversibleMomentum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x: Tensor, grad_v: Tensor):
         cfg = ctx.cfg
-        grad_x = torch.zeros(ctx.shape, dtype=ctx.dtype) if grad_x is None else grad_x
+        if grad_x is None:
+            grad_x = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
         grad_v = torch.zeros_like(grad_x) if grad_v is None else grad_v
         grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
         param_grads: dict[int, Tensor] = {}
