@@ -43,7 +43,7 @@ struct Problem {
 };
 
 template <typename T>
-C10_HOST_DEVICE inline T activate(int64_t activation, T z) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE T activate(int64_t activation, T z) {
   switch (activation) {
     case kTanh:
       return ::tanh(z);
@@ -59,7 +59,8 @@ C10_HOST_DEVICE inline T activate(int64_t activation, T z) {
 // The d normals of one (path, step): ceil(d / 4) Philox blocks, counter (path, step, block).
 // Antithetic pairs (2j, 2j + 1) share the normals of j with opposite signs.
 template <typename T>
-C10_HOST_DEVICE inline void draw_normals(const Problem<T>& p, int64_t path, int64_t step, T* z) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void draw_normals(const Problem<T>& p, int64_t path, int64_t step,
+                                                    T* z) {
   uint64_t source = static_cast<uint64_t>(path);
   T sign = T(1);
   if (p.antithetic) {
@@ -79,7 +80,7 @@ C10_HOST_DEVICE inline void draw_normals(const Problem<T>& p, int64_t path, int6
 
 // mu(x) into `out`; `hidden` holds p.hidden values of scratch for the MLP.
 template <typename T>
-C10_HOST_DEVICE inline void drift(const Problem<T>& p, const T* x, T* out, T* hidden) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void drift(const Problem<T>& p, const T* x, T* out, T* hidden) {
   const int64_t d = p.dim;
   if (p.drift_kind == kZeroDrift) {
     for (int64_t i = 0; i < d; ++i) out[i] = T(0);
@@ -107,7 +108,7 @@ C10_HOST_DEVICE inline void drift(const Problem<T>& p, const T* x, T* out, T* hi
 
 // Sigma z, in place of z's copy `out`.
 template <typename T>
-C10_HOST_DEVICE inline void apply_sigma(const Problem<T>& p, const T* z, T* out) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void apply_sigma(const Problem<T>& p, const T* z, T* out) {
   const int64_t d = p.dim;
   if (p.sigma_kind == kScalarSigma) {
     for (int64_t i = 0; i < d; ++i) out[i] = p.sigma[0] * z[i];
@@ -133,8 +134,8 @@ struct Scratch {
 
 // One Euler-Maruyama step of one path, in place.
 template <typename T>
-C10_HOST_DEVICE inline void euler_step(const Problem<T>& p, int64_t path, int64_t step, T* x,
-                                       Scratch<T> s) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void euler_step(const Problem<T>& p, int64_t path, int64_t step,
+                                                  T* x, Scratch<T> s) {
   draw_normals(p, path, step, s.z);
   apply_sigma(p, s.z, s.noise);
   drift(p, x, s.mu, s.hidden);
@@ -143,8 +144,9 @@ C10_HOST_DEVICE inline void euler_step(const Problem<T>& p, int64_t path, int64_
 
 // The terminal functional of one path, in double.
 template <typename T>
-C10_HOST_DEVICE inline double functional(int64_t kind, const T* x, int64_t d, const T* weights,
-                                         double offset, bool log_coordinates) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE double functional(int64_t kind, const T* x, int64_t d,
+                                                    const T* weights, double offset,
+                                                    bool log_coordinates) {
   double acc = kind == kMaxCall ? -INFINITY : 0.0;
   for (int64_t i = 0; i < d; ++i) {
     const double value = static_cast<double>(x[i]);
