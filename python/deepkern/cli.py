@@ -32,11 +32,14 @@ def _bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
-def _reproduce(args: argparse.Namespace) -> int:
-    from deepkern.models import momentum_resnet
+def _kolmogorov(args: argparse.Namespace) -> int:
+    from deepkern.models import kolmogorov
 
-    runners = {"momentum": momentum_resnet.run_reproduce}
-    return runners[args.model](args)
+    return kolmogorov.run_kolmogorov(args)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    return args.reproduce(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import momentum_resnet
+    from deepkern.models import kolmogorov, momentum_resnet, scaling
 
     demo = commands.add_parser(
         "demo",
@@ -63,12 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(run=_bench)
 
+    solver = commands.add_parser(
+        "kolmogorov", help="solve a Kolmogorov PDE with the deep Kolmogorov method"
+    )
+    kolmogorov.add_kolmogorov_arguments(solver)
+    solver.set_defaults(run=_kolmogorov)
+
     reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
     reproduce_models = reproduce.add_subparsers(dest="model", required=True)
-    momentum = reproduce_models.add_parser(
-        "momentum", help="Momentum ResNets (Sander et al. 2021) against ResNets"
-    )
-    momentum_resnet.add_reproduce_arguments(momentum)
+    papers = [
+        ("momentum", momentum_resnet, "Momentum ResNets (Sander et al. 2021) against ResNets"),
+        ("kolmogorov", kolmogorov, "the deep Kolmogorov method (Beck et al.)"),
+        ("scaling", scaling, "depth scaling of trained ResNet weights (Cohen et al. 2021)"),
+    ]
+    for name, module, help_text in papers:
+        paper = reproduce_models.add_parser(name, help=help_text)
+        module.add_reproduce_arguments(paper)
+        paper.set_defaults(reproduce=module.run_reproduce)
     reproduce.set_defaults(run=_reproduce)
     return parser
 
