@@ -184,9 +184,10 @@ def test_exact_mode_refuses_gradients_of_a_nondeterministic_function():
     net = MomentumNet([_Drifting() for _ in range(3)], gamma=0.9, exact=True)
     x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     out = net(x)
-    with pytest.raises(NondeterministicResidualError, match="layers \\[0, 1, 2\\]"):
+    with pytest.raises(NondeterministicResidualError, match="residual function 2 did not"):
         out.sum().backward()
     assert x.grad is None
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_inference_without_grad_matches_training_forward():
@@ -257,3 +258,43 @@ def test_rejects_integer_input_and_mismatched_velocity():
 def test_warns_when_exact_mode_rounds_gamma():
     with pytest.warns(UserWarning, match="exact mode uses gamma"):
         MomentumNet(_mlp_functions(1), gamma=0.123456789)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_memory_is_flat_in_depth(exact):
+    """Neither activations nor a second copy of the parameter gradients grow with depth."""
+    from deepkern.bench.memory import measure_step
+
+    peaks = {}
+    for depth in (8, 64):
+        net = MomentumNet(_mlp_functions(depth, width=64, dtype=torch.float32), exact=exact)
+        x = torch.randn(32, 64)
+
+        def step(net=net, x=x):
+            net(x).square().sum().backward()
+
+        step()  # the .grad buffers exist from here on, as in a training loop
+        peaks[depth] = measure_step(step, exclude=list(net.parameters()))
+    assert peaks[64].saved_bytes <= 1.1 * peaks[8].saved_bytes
+    assert peaks[64].peak_bytes <= 1.3 * peaks[8].peak_bytes
+
+
+def test_autograd_grad_returns_parameter_gradients():
+    functions = _mlp_functions(6)
+    net = MomentumNet(functions, gamma=0.9)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    params = list(net.parameters())
+    got = torch.autograd.grad(net(x).sum(), params)
+    want = torch.autograd.grad(MomentumNet(functions, memory="backprop")(x).sum(), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert all(p.grad is None for p in params)
+
+
+def test_backward_twice_with_retained_graph():
+    net = MomentumNet(_mlp_functions(5), gamma=0.7)
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    out = net(x).sum()
+    first = torch.autograd.grad(out, x, retain_graph=True)[0]
+    second = torch.autograd.grad(out, x)[0]
+    assert torch.equal(first, second)

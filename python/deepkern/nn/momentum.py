@@ -119,29 +119,18 @@ class _Config:
         self.exact_gamma = exact_gamma
         self.frac_bits = frac_bits
         self.deterministic = deterministic
-        # Parameters per layer, and the distinct ones in order (layers may share a module).
+        # Parameters per layer (layers may share a module; autograd adds up their gradients).
         self.layer_params = [[p for p in f.parameters() if p.requires_grad] for f in functions]
-        seen: dict[int, Tensor] = {}
-        for params in self.layer_params:
-            for p in params:
-                seen.setdefault(id(p), p)
-        self.params = list(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward passes that keep no activations.
+# Inference: the same arithmetic as training, nothing recorded.
 
 
-def _forward_float(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
-    rng_states = []
-    devices = _rng_devices(x)
+def _forward_float(cfg: _Config, x: Tensor, v: Tensor):
     for k, function in enumerate(cfg.functions):
-        before = _rng_state(devices) if record_rng else None
-        fx = _apply(function, k, x)
-        changed = record_rng and _rng_changed(before, _rng_state(devices))
-        rng_states.append(before if changed else None)
-        x, v = ops.forward(x, v, fx.to(x.dtype), cfg.gamma)
-    return x, v, rng_states
+        x, v = ops.forward(x, v, _apply(function, k, x).to(x.dtype), cfg.gamma)
+    return x, v
 
 
 def _first_bad_layer(statuses: list[Tensor]) -> int | None:
@@ -151,26 +140,161 @@ def _first_bad_layer(statuses: list[Tensor]) -> int | None:
     return int(torch.nonzero(errors)[0, 0])
 
 
-def _forward_exact(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
+def _forward_exact(cfg: _Config, x: Tensor, v: Tensor):
     gamma, bits = cfg.exact_gamma, cfg.frac_bits
     fixed_x, fixed_v = ops.to_fixed(x, bits), ops.to_fixed(v, bits)
     buffer = torch.zeros((1, x.numel()), dtype=torch.int32, device=x.device)
-    statuses, rng_states = [], []
-    devices = _rng_devices(x)
-
+    statuses = []
     for k, function in enumerate(cfg.functions):
-        state = ops.from_fixed(fixed_x, bits, x.dtype)
-        before = _rng_state(devices) if record_rng else None
-        fx = _apply(function, k, state)
-        changed = record_rng and _rng_changed(before, _rng_state(devices))
-        rng_states.append(before if changed else None)
+        fx = _apply(function, k, ops.from_fixed(fixed_x, bits, x.dtype))
         limbs = ops.buffer_limbs(gamma, k + 1)
         fixed_x, fixed_v, buffer, status = ops.exact_forward(
             fixed_x, fixed_v, fx, buffer, gamma, bits, limbs
         )
         statuses.append(status)
 
-    # One synchronisation for the whole stack: any element out of range fails the call.
+    _raise_if_out_of_range(statuses, bits)
+    return fixed_x, fixed_v, buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# The reversible backward: one autograd node per layer, sharing the state through a chain.
+#
+# Each layer is its own node, so autograd accumulates a layer's parameter gradients as soon as
+# that layer is done (and DDP can start reducing them), instead of holding a second copy of
+# every parameter gradient until the whole stack is done. No node saves activations: the last
+# one keeps the final state, and each backward recovers the state below it and leaves it in the
+# chain for the next node down.
+
+
+class _Chain:
+    """What the per-layer nodes of one forward pass share."""
+
+    def __init__(self, cfg: _Config, exact: bool, x: Tensor):
+        self.cfg, self.exact = cfg, exact
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.devices = _rng_devices(x)
+        # Forward: the state after the layers run so far. Backward: the state after the layer
+        # being undone. Float mode (x, v); exact mode (fixed_x, fixed_v, buffer).
+        self.state: tuple = ()
+        self.rng_states: list = []
+        self.statuses: list[Tensor] = []
+        self.checksums: Tensor | None = None
+
+
+def _reversible(cfg: _Config, exact: bool, x: Tensor, v: Tensor):
+    chain = _Chain(cfg, exact, x)
+    with torch.no_grad():
+        if exact:
+            buffer = torch.zeros((1, x.numel()), dtype=torch.int32, device=x.device)
+            chain.state = (ops.to_fixed(x, cfg.frac_bits), ops.to_fixed(v, cfg.frac_bits), buffer)
+        else:
+            chain.state = (x.detach(), v.detach())
+    for k in range(len(cfg.functions)):
+        x, v = _Layer.apply(chain, k, x, v, *cfg.layer_params[k])
+    return x, v
+
+
+class _Layer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chain: _Chain, k: int, x: Tensor, v: Tensor, *params: Tensor):
+        ctx.chain, ctx.k = chain, k
+        cfg = chain.cfg
+        last = k == len(cfg.functions) - 1
+        function = cfg.functions[k]
+        with torch.no_grad(), _deterministic(cfg.deterministic):
+            if chain.exact:
+                fixed_x, fixed_v, buffer = chain.state
+                # Past the first layer, x is the previous node's float view of fixed_x.
+                layer_input = x if k else ops.from_fixed(fixed_x, cfg.frac_bits, chain.dtype)
+            else:
+                layer_input = chain.state[0]
+            before = _rng_state(chain.devices)
+            fx = _apply(function, k, layer_input)
+            changed = _rng_changed(before, _rng_state(chain.devices))
+            chain.rng_states.append(before if changed else None)
+
+            if chain.exact:
+                limbs = ops.buffer_limbs(cfg.exact_gamma, k + 1)
+                fixed_x, fixed_v, buffer, status = ops.exact_forward(
+                    fixed_x, fixed_v, fx, buffer, cfg.exact_gamma, cfg.frac_bits, limbs
+                )
+                chain.statuses.append(status)
+                chain.state = (fixed_x, fixed_v, buffer)
+                x_out = ops.from_fixed(fixed_x, cfg.frac_bits, chain.dtype)
+                # Below the last layer the velocity output only links the nodes; its values
+                # are never read, so it is not converted.
+                v_out = (
+                    ops.from_fixed(fixed_v, cfg.frac_bits, chain.dtype)
+                    if last
+                    else torch.empty_like(x_out)
+                )
+            else:
+                x_out, v_out = ops.forward(*chain.state, fx.to(chain.dtype), cfg.gamma)
+                chain.state = (x_out, v_out)
+
+        if last:
+            if chain.exact:
+                _raise_if_out_of_range(chain.statuses, cfg.frac_bits)
+                chain.checksums = torch.stack([s[0] for s in chain.statuses])
+                chain.statuses = []
+            ctx.save_for_backward(*chain.state)
+        return x_out, v_out
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor | None, grad_v: Tensor | None):
+        chain, k = ctx.chain, ctx.k
+        cfg = chain.cfg
+        function = cfg.functions[k]
+        if k == len(cfg.functions) - 1:  # the first node of every backward pass
+            chain.state = tuple(ctx.saved_tensors)
+        if grad_x is None:
+            grad_x = torch.zeros(chain.shape, dtype=chain.dtype, device=chain.device)
+        grad_v = torch.zeros_like(grad_x) if grad_v is None else grad_v
+        grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
+
+        # Buffers come back after the layer's gradients are taken: autograd may have saved
+        # them (BatchNorm saves its running statistics).
+        with _frozen_buffers(function):
+            # Recover this layer's input and recompute f on it, as the forward saw it.
+            if chain.exact:
+                fixed_x, fixed_v, buffer = chain.state
+                layer_input = ops.from_fixed(fixed_x - fixed_v, cfg.frac_bits, chain.dtype)
+            else:
+                x, v = chain.state
+                layer_input = x - v
+            layer_input = layer_input.detach().requires_grad_(True)
+            with (
+                torch.enable_grad(),
+                _deterministic(cfg.deterministic),
+                _replay_rng(chain.rng_states[k], chain.devices),
+            ):
+                fx = _apply(function, k, layer_input)
+
+            # Step the state back; in exact mode, refuse to go on from a state that differs
+            # from the forward's.
+            if chain.exact:
+                limbs = ops.buffer_limbs(cfg.exact_gamma, k)
+                fixed_x, fixed_v, buffer, status = ops.exact_inverse(
+                    fixed_x, fixed_v, fx.detach(), buffer, cfg.exact_gamma, cfg.frac_bits, limbs
+                )
+                _check_replay(k, status, chain.checksums[k])
+                chain.state = (fixed_x, fixed_v, buffer)
+            else:
+                chain.state = ops.inverse(x, v, fx.detach().to(chain.dtype), cfg.gamma)
+
+            # Pull the gradients through the layer.
+            cotangent = (1 - cfg.gamma) * (grad_x + grad_v)
+            inputs = [layer_input] + cfg.layer_params[k]
+            grads = torch.autograd.grad(
+                fx, inputs, cotangent.to(fx.dtype), allow_unused=True, materialize_grads=True
+            )
+        grad_x, grad_v = ops.backward(grad_x, grad_v, grads[0].to(chain.dtype), cfg.gamma)
+        return (None, None, grad_x, grad_v, *grads[1:])
+
+
+def _raise_if_out_of_range(statuses: list[Tensor], bits: int) -> None:
+    """One synchronisation for the whole stack: any element out of range fails the call."""
     bad = _first_bad_layer(statuses)
     if bad is not None:
         raise ValueError(
@@ -178,113 +302,21 @@ def _forward_exact(cfg: _Config, x: Tensor, v: Tensor, record_rng: bool):
             f"the fixed-point range (|x|, |v| < 2^{ops.STATE_BITS - bits} with {bits} fractional "
             "bits; fewer fractional bits widen it)"
         )
-    checksums = torch.stack([s[0] for s in statuses]) if statuses else None
-    return fixed_x, fixed_v, buffer, checksums, rng_states
 
 
-# ---------------------------------------------------------------------------------------------
-# The autograd function: reversible backward for both arithmetic modes.
+def _check_replay(k: int, status: Tensor, checksum: Tensor) -> None:
+    """Refuse to return gradients computed from a state that differs from the forward's.
 
-
-class _ReversibleMomentum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg: _Config, exact: bool, x: Tensor, v: Tensor, *params: Tensor):
-        ctx.cfg, ctx.exact = cfg, exact
-        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        ctx.devices = _rng_devices(x)
-        with torch.no_grad(), _deterministic(cfg.deterministic):
-            if exact:
-                fixed_x, fixed_v, buffer, checksums, rng = _forward_exact(cfg, x, v, True)
-                ctx.save_for_backward(fixed_x, fixed_v, buffer, checksums)
-                bits = cfg.frac_bits
-                x_out = ops.from_fixed(fixed_x, bits, x.dtype)
-                v_out = ops.from_fixed(fixed_v, bits, x.dtype)
-            else:
-                x_out, v_out, rng = _forward_float(cfg, x, v, True)
-                ctx.save_for_backward(x_out, v_out)
-        ctx.rng_states = rng
-        return x_out, v_out
-
-    @staticmethod
-    def backward(ctx, grad_x: Tensor, grad_v: Tensor):
-        cfg = ctx.cfg
-        if grad_x is None:
-            grad_x = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        grad_v = torch.zeros_like(grad_x) if grad_v is None else grad_v
-        grad_x, grad_v = grad_x.contiguous(), grad_v.contiguous()
-        param_grads: dict[int, Tensor] = {}
-
-        if ctx.exact:
-            state = list(ctx.saved_tensors)
-            statuses = []
-        else:
-            x, v = ctx.saved_tensors
-
-        for k in reversed(range(len(cfg.functions))):
-            function = cfg.functions[k]
-            # Buffers come back after the layer's gradients are taken: autograd may have saved
-            # them (BatchNorm saves its running statistics).
-            with _frozen_buffers(function):
-                # Recover this layer's input and recompute f on it, as the forward saw it.
-                if ctx.exact:
-                    fixed_x, fixed_v, buffer, checksums = state
-                    layer_input = ops.from_fixed(fixed_x - fixed_v, cfg.frac_bits, ctx.dtype)
-                else:
-                    layer_input = x - v
-                layer_input = layer_input.detach().requires_grad_(True)
-                with (
-                    torch.enable_grad(),
-                    _deterministic(cfg.deterministic),
-                    _replay_rng(ctx.rng_states[k], ctx.devices),
-                ):
-                    fx = _apply(function, k, layer_input)
-
-                # Step the state back.
-                if ctx.exact:
-                    limbs = ops.buffer_limbs(cfg.exact_gamma, k)
-                    fixed_x, fixed_v, buffer, status = ops.exact_inverse(
-                        fixed_x,
-                        fixed_v,
-                        fx.detach(),
-                        buffer,
-                        cfg.exact_gamma,
-                        cfg.frac_bits,
-                        limbs,
-                    )
-                    statuses.append((k, status, checksums[k]))
-                    state = [fixed_x, fixed_v, buffer, checksums]
-                else:
-                    x, v = ops.inverse(x, v, fx.detach().to(ctx.dtype), cfg.gamma)
-
-                # Pull the gradients through the layer.
-                cotangent = (1 - cfg.gamma) * (grad_x + grad_v)
-                inputs = [layer_input] + cfg.layer_params[k]
-                grads = torch.autograd.grad(
-                    fx, inputs, cotangent.to(fx.dtype), allow_unused=True, materialize_grads=True
-                )
-            grad_x, grad_v = ops.backward(grad_x, grad_v, grads[0].to(ctx.dtype), cfg.gamma)
-            for p, g in zip(cfg.layer_params[k], grads[1:]):
-                previous = param_grads.get(id(p))
-                param_grads[id(p)] = g if previous is None else previous + g
-
-        if ctx.exact:
-            _check_replay(statuses)
-        return (None, None, grad_x, grad_v, *[param_grads.get(id(p)) for p in cfg.params])
-
-
-def _check_replay(statuses) -> None:
-    """Refuse to return gradients computed from states that differ from the forward's."""
-    if not statuses:
-        return
-    mismatch = torch.stack([s[1][0] != s[2] for s in statuses])
-    errors = torch.stack([s[1][1] for s in statuses])
-    if bool(mismatch.any()) or int(errors.sum()) != 0:
-        layers = sorted(s[0] for s, bad in zip(statuses, mismatch.tolist()) if bad)
+    One host synchronisation per layer, so that the error comes before this layer's gradients
+    reach any parameter.
+    """
+    if bool((status[0] != checksum) | (status[1] != 0)):
         raise NondeterministicResidualError(
-            "exact reversible backward: recomputing the residual functions did not reproduce "
-            f"the forward pass (layers {layers or 'unknown'}); the function is not "
-            "deterministic (random layers without a seed, nondeterministic kernels, or state "
-            "that changes between calls), so no gradient is returned"
+            f"exact reversible backward: recomputing residual function {k} did not reproduce "
+            "the forward pass; the function is not deterministic (random layers without a "
+            "seed, nondeterministic kernels, or state that changes between calls), so its "
+            "gradients are not returned (those of the layers above it may already be "
+            "accumulated)"
         )
 
 
@@ -407,17 +439,16 @@ class MomentumNet(nn.Module):
     def _forward_reversible(self, x: Tensor, v: Tensor):
         cfg = self._config()
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or v.requires_grad or bool(cfg.params)
+            x.requires_grad or v.requires_grad or any(cfg.layer_params)
         )
-        if needs_grad:
-            return _ReversibleMomentum.apply(cfg, self.exact, x, v, *cfg.params)
+        if needs_grad and len(self.functions):
+            return _reversible(cfg, self.exact, x, v)
 
         # Inference: the same arithmetic, nothing saved.
         if self.exact:
-            fixed_x, fixed_v, _, _, _ = _forward_exact(cfg, x, v, False)
+            fixed_x, fixed_v, _ = _forward_exact(cfg, x, v)
             return (
                 ops.from_fixed(fixed_x, self.frac_bits, x.dtype),
                 ops.from_fixed(fixed_v, self.frac_bits, x.dtype),
             )
-        x_out, v_out, _ = _forward_float(cfg, x, v, False)
-        return x_out, v_out
+        return _forward_float(cfg, x, v)
