@@ -148,3 +148,18 @@ def test_baseline_first_keeps_the_reference(tmp_path):
     assert bench.main([*argv, "--variants", "autograd", "exact"]) == 0
     rows = {row["variant"]: row for row in json.loads(path.read_text())["rows"]}
     assert rows["exact"]["grad_error"] < 1e-5
+
+
+def test_sde_benchmark_runs_and_writes_json(tmp_path):
+    import json
+
+    from deepkern import cli
+
+    path = tmp_path / "sde.json"
+    code = cli.main(["bench", "sde", "--quick", "--no-torchsde", "--json", str(path)])
+    assert code == 0
+    payload = json.loads(path.read_text())
+    assert payload["family"] == "sde" and len(payload["rows"]) == 3
+    for row in payload["rows"]:
+        assert row["ours_s"] > 0 and row["reference_s"] > 0 and row["peak_bytes"] > 0
+    assert payload["summary"][0]["kernel_normals_per_s"] > 0

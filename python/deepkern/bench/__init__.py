@@ -31,6 +31,7 @@ __all__ = ["FAMILIES", "AgreementError", "add_arguments", "collect", "main", "ru
 # outside library never slows or breaks another's command.
 FAMILIES: dict[str, str] = {
     "momentum": "deepkern.bench.momentum",
+    "sde": "deepkern.bench.sde",
 }
 
 
