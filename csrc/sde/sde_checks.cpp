@@ -96,8 +96,10 @@ void check_steps(int64_t steps, int64_t first_step, int64_t save_every) {
   TORCH_CHECK(steps >= 0, "steps must be non-negative, got ", steps);
   TORCH_CHECK(first_step >= 0, "first_step must be non-negative, got ", first_step);
   // The step index is one 32-bit word of the Philox counter.
-  TORCH_CHECK(first_step + steps <= std::numeric_limits<uint32_t>::max(),
-              "first_step + steps must stay below 2^32, got ", first_step + steps);
+  // Compared without forming the sum, which could overflow int64.
+  TORCH_CHECK(first_step <= int64_t{std::numeric_limits<uint32_t>::max()} - steps,
+              "first_step + steps must stay below 2^32, got first_step = ", first_step,
+              " and steps = ", steps);
   TORCH_CHECK(save_every >= 0, "save_every must be non-negative, got ", save_every);
   TORCH_CHECK(save_every == 0 || steps % save_every == 0, "steps (", steps,
               ") must be a multiple of save_every (", save_every, ")");

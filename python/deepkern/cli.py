@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:
         print(f"deepkern {args.command}: error: {error}", file=sys.stderr)
         return 2
 

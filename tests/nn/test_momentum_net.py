@@ -298,3 +298,32 @@ def test_backward_twice_with_retained_graph():
     first = torch.autograd.grad(out, x, retain_graph=True)[0]
     second = torch.autograd.grad(out, x)[0]
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_double_backward_is_refused_not_wrong(exact):
+    net = MomentumNet(_mlp_functions(3), exact=exact)
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.square().sum().backward()
+
+
+def test_gamma_too_close_to_one_for_exact_mode():
+    with pytest.raises(ValueError, match="exact mode's fractions"):
+        MomentumNet(_mlp_functions(1), gamma=0.999999)
+    MomentumNet(_mlp_functions(1), gamma=0.999999, exact=False)
+
+
+def test_changing_gamma_after_construction_takes_effect():
+    functions = _mlp_functions(4)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    net = MomentumNet(functions, gamma=0.9)
+    net.gamma = 0.5
+    assert torch.equal(net(x), MomentumNet(functions, gamma=0.5)(x))
+
+
+def test_too_large_initial_velocity_is_named():
+    net = MomentumNet(_mlp_functions(1, dtype=torch.float32))
+    with pytest.raises(ValueError, match="v \\(the initial velocity\\) is too large"):
+        net(torch.zeros(1, 8), torch.full((1, 8), 2e6))

@@ -421,3 +421,21 @@ def test_cuda_matches_cpu():
 def test_seed_must_be_a_63_bit_integer(seed):
     with pytest.raises(ValueError, match="seed must be an integer in \\[0, 2\\^63\\)"):
         _call(seed=seed)
+
+
+def test_zero_drift_gradient_and_first_order_only():
+    x0 = torch.randn(3, 2, requires_grad=True)
+    sde.simulate(x0, torch.tensor(0.5), h=0.1, steps=4, seed=1).sum().backward()
+    assert torch.equal(x0.grad, torch.ones(3, 2))
+    x0 = torch.randn(3, 2, dtype=F64, requires_grad=True)
+    drift = sde.Drift.linear(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64))
+    out = sde.simulate(x0, torch.tensor(0.5, dtype=F64), drift, h=0.1, steps=4, seed=1)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(out.sum(), x0, create_graph=True)
+
+
+def test_mixed_devices_and_step_overflow_are_refused():
+    with pytest.raises(RuntimeError, match="device of x0"):
+        _call(sigma=torch.tensor(0.5, device="meta"))
+    with pytest.raises(RuntimeError, match="first_step \\+ steps must stay below 2\\^32"):
+        _call(steps=1, first_step=2**63 - 1)

@@ -143,6 +143,23 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
 # The machine
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device a benchmark runs on: ``name``, or CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: an unknown device name, or CUDA asked for where there is none.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this torch has no usable CUDA device")
+    return device
+
+
 def read_loadavg(path: str = "/proc/loadavg") -> list[float] | None:
     """The 1, 5 and 15 minute load averages, or None where the file does not exist.
 

@@ -504,7 +504,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.resolve_device(args.device)
     depths = list(args.depths or (QUICK_DEPTHS if args.quick else DEFAULT_DEPTHS))
     if any(depth < 1 for depth in depths):
         raise ValueError(f"depths must be positive, got {depths}")

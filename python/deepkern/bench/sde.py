@@ -111,7 +111,7 @@ def _check_agreement(x0, sigma, drift, h, steps) -> None:
 
 
 def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common.Report:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = common.resolve_device(args.device)
     cases = [_parse_case(c) for c in args.cases] if args.cases else None
     cases = cases or (_QUICK_CASES if args.quick else _DEFAULT_CASES)
     min_run_time = args.min_run_time or (0.02 if args.quick else 1.0)

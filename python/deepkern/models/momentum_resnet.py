@@ -1040,6 +1040,28 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_demo_settings(settings) -> None:
+    """Refuse settings that cannot run, before any work is done."""
+    for name in ("epochs", "batch_size", "memory_batch", "depth", "width"):
+        value = getattr(settings, name, None)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if getattr(settings, "seed", 0) < 0:
+        raise ValueError(f"--seed must be non-negative, got {settings.seed}")
+    ops_gamma = getattr(settings, "gamma", 0.9)
+    if not 0 < ops_gamma <= 1:
+        raise ValueError(f"--gamma must lie in (0, 1], got {ops_gamma}")
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device: {error}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this torch has no usable CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {settings.device}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """``deepkern demo``: train both networks, measure memory against depth, write results.
 
@@ -1047,6 +1069,7 @@ def run_demo(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args, _DEMO_QUICK, _DEMO_DEFAULTS)
+    _check_demo_settings(settings)
     progress = not getattr(args, "no_progress", False)
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()

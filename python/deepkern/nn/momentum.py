@@ -26,6 +26,7 @@ from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from deepkern.ops import momentum as ops
 
@@ -142,7 +143,8 @@ def _first_bad_layer(statuses: list[Tensor]) -> int | None:
 
 def _forward_exact(cfg: _Config, x: Tensor, v: Tensor):
     gamma, bits = cfg.exact_gamma, cfg.frac_bits
-    fixed_x, fixed_v = ops.to_fixed(x, bits), ops.to_fixed(v, bits)
+    fixed_x = ops.to_fixed(x, bits, "x")
+    fixed_v = ops.to_fixed(v, bits, "v (the initial velocity)")
     buffer = torch.zeros((1, x.numel()), dtype=torch.int32, device=x.device)
     statuses = []
     for k, function in enumerate(cfg.functions):
@@ -187,7 +189,11 @@ def _reversible(cfg: _Config, exact: bool, x: Tensor, v: Tensor):
     with torch.no_grad():
         if exact:
             buffer = torch.zeros((1, x.numel()), dtype=torch.int32, device=x.device)
-            chain.state = (ops.to_fixed(x, cfg.frac_bits), ops.to_fixed(v, cfg.frac_bits), buffer)
+            chain.state = (
+                ops.to_fixed(x, cfg.frac_bits, "x"),
+                ops.to_fixed(v, cfg.frac_bits, "v (the initial velocity)"),
+                buffer,
+            )
         else:
             chain.state = (x.detach(), v.detach())
     for k in range(len(cfg.functions)):
@@ -242,6 +248,7 @@ class _Layer(torch.autograd.Function):
         return x_out, v_out
 
     @staticmethod
+    @once_differentiable  # the recomputation is not itself recorded: no double backward
     def backward(ctx, grad_x: Tensor | None, grad_v: Tensor | None):
         chain, k = ctx.chain, ctx.k
         cfg = chain.cfg
@@ -387,8 +394,9 @@ class MomentumNet(nn.Module):
         self.memory = memory
         self.exact = bool(exact)
         self.frac_bits = frac_bits
-        self._exact_gamma: Fraction = ops.exact_gamma(self.gamma)
-        if self.exact and memory == "reversible" and float(self._exact_gamma) != self.gamma:
+        uses_exact = self.exact and memory == "reversible"
+        self._exact_gamma: Fraction | None = ops.exact_gamma(self.gamma) if uses_exact else None
+        if uses_exact and float(self._exact_gamma) != self.gamma:
             warnings.warn(
                 f"exact mode uses gamma = {self._exact_gamma} = {float(self._exact_gamma)!r} "
                 f"in place of {self.gamma!r}",
@@ -423,6 +431,10 @@ class MomentumNet(nn.Module):
         return float(self._exact_gamma) if exact else self.gamma
 
     def _config(self) -> _Config:
+        # gamma may have been changed since construction; exact mode follows it.
+        uses_exact = self.exact and self.memory == "reversible"
+        if uses_exact and (self._exact_gamma is None or float(self._exact_gamma) != self.gamma):
+            self._exact_gamma = ops.exact_gamma(self.gamma)
         return _Config(
             self.functions,
             self._gamma_for_arithmetic(),

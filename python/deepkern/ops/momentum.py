@@ -192,13 +192,22 @@ def exact_gamma(gamma: float) -> Fraction:
     """The fraction numer / denom (denom <= 65536) that exact mode uses for ``gamma``.
 
     Raises:
-        ValueError: if gamma is not a finite number in (0, 1].
+        ValueError: if gamma is not a finite number in (0, 1], or lies so close to 1 that the
+            fraction would be 1 and the residual functions would drop out.
     """
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0.0 < gamma <= 1.0):
+    if isinstance(gamma, bool) or not (
+        isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0.0 < gamma <= 1.0
+    ):
         raise ValueError(f"gamma must be a finite number in (0, 1], got {gamma!r}")
     fraction = Fraction(gamma).limit_denominator(MAX_DENOMINATOR)
     if fraction == 0:
         fraction = Fraction(1, MAX_DENOMINATOR)
+    if fraction == 1 and gamma != 1:
+        raise ValueError(
+            f"gamma = {gamma!r} is within 1/{2 * MAX_DENOMINATOR} of 1, where exact mode's "
+            f"fractions (denominators up to {MAX_DENOMINATOR}) round it to 1; use "
+            f"gamma <= {1 - 1 / MAX_DENOMINATOR!r} or exact=False"
+        )
     return fraction
 
 
@@ -217,7 +226,7 @@ def buffer_limbs(gamma: Fraction, steps: int) -> int:
     return max(1, math.ceil(bits / 32))
 
 
-def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> Tensor:
+def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS, name: str = "x") -> Tensor:
     """Round a float tensor to int64 fixed point with ``frac_bits`` fractional bits.
 
     Rounds half to even, through float64, where scaling by a power of two is exact.
@@ -229,11 +238,12 @@ def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS) -> Tensor:
     scaled = x.detach().to(torch.float64) * (2.0**frac_bits)
     finite = torch.isfinite(scaled)
     if not bool(finite.all()):
-        raise ValueError("exact mode needs finite inputs, but x holds NaN or infinite values")
+        raise ValueError(f"exact mode needs finite inputs, but {name} holds NaN or infinite values")
     if x.numel() and float(scaled.abs().max()) >= _STATE_LIMIT:
         raise ValueError(
-            f"x is too large for exact mode: |x| must stay below 2^{STATE_BITS - frac_bits} with "
-            f"{frac_bits} fractional bits, got max |x| = {float(x.abs().max()):.6g}"
+            f"{name} is too large for exact mode: |{name}| must stay below "
+            f"2^{STATE_BITS - frac_bits} with {frac_bits} fractional bits, got max "
+            f"|{name}| = {float(x.abs().max()):.6g}"
         )
     return torch.round(scaled).to(torch.int64)
 

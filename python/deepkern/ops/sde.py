@@ -299,6 +299,17 @@ def plain_loop_simulate(
 # Fake kernels and autograd
 
 
+def _check_fake_devices(x0, *others) -> None:
+    for t in others:
+        if t is not None:
+            torch._check(
+                t.device == x0.device,
+                lambda t=t: (
+                    f"every tensor must be on the device of x0 ({x0.device}), got {t.device}"
+                ),
+            )
+
+
 @torch.library.register_fake("deepkern::sde_euler")
 def _fake_euler(
     x0,
@@ -316,6 +327,11 @@ def _fake_euler(
     seed,
     antithetic,
 ):
+    _check_fake_devices(x0, sigma, matrix, bias, out_matrix, out_bias)
+    torch._check(
+        save_every == 0 or steps % save_every == 0,
+        lambda: f"steps ({steps}) must be a multiple of save_every ({save_every})",
+    )
     torch._check(x0.dim() == 2, lambda: "x0 must have shape [paths, dim]")
     torch._check(steps >= 0, lambda: f"steps must be non-negative, got {steps}")
     if save_every > 0:
@@ -349,6 +365,7 @@ def _fake_monte_carlo(
     offset,
     log_coordinates,
 ):
+    _check_fake_devices(x0, sigma, matrix, bias, out_matrix, out_bias, weights)
     torch._check(x0.dim() == 2, lambda: "x0 must have shape [starts, dim]")
     return x0.new_empty((x0.shape[0], 3))
 
@@ -380,6 +397,11 @@ def _euler_setup(ctx, inputs, output):
 
 
 def _euler_backward(ctx, grad_out):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "sde_euler supports first derivatives only (its backward replays the noise outside "
+            "autograd); for create_graph=True use reference_simulate"
+        )
     x0, sigma, *params = ctx.saved_tensors
     drift_kind, activation, h, steps, first_step, save_every, seed, antithetic = ctx.config
     params = [p.detach() if p is not None else None for p in params]
@@ -422,6 +444,11 @@ def _euler_backward(ctx, grad_out):
         lo, hi = bounds[segment], bounds[segment + 1]
         states = run(checkpoints[segment], hi - lo, first_step + lo, 1)
         for k in reversed(range(hi - lo)):
+            if drift_kind == _ZERO:  # mu = 0: the adjoint only collects injected gradients
+                extra = injected(lo + k)
+                if extra is not None:
+                    adjoint = adjoint + extra
+                continue
             x = states[:, k].requires_grad_(True)
             live = [p.requires_grad_(True) for p in wanted]
             with torch.enable_grad():
