@@ -19,16 +19,6 @@ F64 = torch.float64
 Z = 5.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two shared cores: on two threads, small batch-norm and tanh calls stall behind other
-    # processes' load (a hundredfold slowdown measured); one thread keeps the module fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _points(n, d, low=0.0, high=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return low + (high - low) * torch.rand(n, d, generator=g, dtype=F64)

@@ -16,15 +16,6 @@ from deepkern.models import scaling as sc
 DEPTHS = [8, 16, 32, 64, 128, 256, 512]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The networks here are tiny: one thread is as fast, and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _smooth_path(depth: int) -> torch.Tensor:
     """A_k = F(k / L) for a fixed smooth matrix function F: [L, 3, 3]."""
     t = (torch.arange(depth, dtype=torch.float64) + 0.5) / depth

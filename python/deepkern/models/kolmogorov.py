@@ -28,7 +28,6 @@ This module holds:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
@@ -36,7 +35,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepkern.models.training import progress_bar, save_atomic
 from deepkern.ops import sde
 
 __all__ = [
@@ -1231,50 +1230,6 @@ def _batch(problem: KolmogorovProblem, config: TrainConfig, rank: int, step: int
     return x, problem.labels(x, sde.default_seed(generator))
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        raise ImportError(
-            "progress bars need tqdm: pip install deepkern[models] (or pass progress=False)"
-        ) from error
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-
-def _save_atomic(state: dict, path: str) -> None:
-    """torch.save to a temporary file in the target's folder, then rename over the target.
-
-    A crash mid-write leaves the previous checkpoint intact; os.replace is atomic on POSIX and
-    Windows when both names are on one file system, hence the temporary file's folder.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def _config_record(config: TrainConfig) -> dict:
     record = dataclasses.asdict(config)
     record["lr_decay_at"] = list(record["lr_decay_at"])
@@ -1365,7 +1320,7 @@ def train(model: nn.Module, config: TrainConfig, problem: KolmogorovProblem | No
         net = DistributedDataParallel(model, device_ids=ids)
 
     started = time.perf_counter()
-    bar = _progress_bar(
+    bar = progress_bar(
         max(0, config.steps - start_step),
         f"{problem.name} d={problem.dim}",
         config.progress and rank == 0,
@@ -1402,7 +1357,7 @@ def train(model: nn.Module, config: TrainConfig, problem: KolmogorovProblem | No
                 window_start = done
             if config.checkpoint and (done % config.checkpoint_every == 0 or done == config.steps):
                 if rank == 0:
-                    _save_atomic(
+                    save_atomic(
                         {
                             "step": done,
                             "steps": config.steps,

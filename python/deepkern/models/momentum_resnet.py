@@ -25,7 +25,6 @@ This module holds:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -33,7 +32,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +49,7 @@ from deepkern.models.resnet import (
     resnet101,
     small_resnet,
 )
+from deepkern.models.training import SilentBar, progress_bar, save_atomic
 from deepkern.nn import MomentumNet
 
 __all__ = [
@@ -355,32 +354,6 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint path")
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def set_postfix(self, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        raise ImportError(
-            "progress bars need tqdm: pip install deepkern[models] (or train with progress=False)"
-        ) from error
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-
 def _learning_rate(config: TrainConfig, step: int, total: int) -> float:
     warmup = int(config.warmup_fraction * total)
     if step < warmup:
@@ -412,23 +385,6 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     batch = torch.arange(n, device=x.device)[:, None, None]
     # Advanced indexing puts the indexed dimensions first: (N, H, W, C) back to (N, C, H, W).
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-def _save_atomic(state: dict, path: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash leaves the old file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def _check_data(name: str, data) -> tuple[Tensor, Tensor]:
@@ -576,7 +532,7 @@ def train(
         logger.info("%s: no checkpoint at %s yet, starting from epoch 1", name, config.checkpoint)
 
     started = time.perf_counter()
-    bar = _progress_bar(
+    bar = progress_bar(
         (config.epochs - start_epoch) * steps_per_epoch if config.epochs > start_epoch else 0,
         name,
         config.progress and rank == 0,
@@ -610,7 +566,7 @@ def train(
                         "optimizer": optimizer.state_dict(),
                         "history": history,
                     }
-                    _save_atomic(state, config.checkpoint)
+                    save_atomic(state, config.checkpoint)
                 if world > 1:
                     dist.barrier()
     finally:
@@ -670,7 +626,7 @@ def _train_epoch(net, optimizer, sampler, config, *, epoch, data, bar, name) -> 
             sums[2] += len(batch)
         bar.update(1)
         # Reading the loss synchronises with the device; every tenth step is enough to watch.
-        if i % 10 == 0 and not isinstance(bar, _NoBar):
+        if i % 10 == 0 and not isinstance(bar, SilentBar):
             bar.set_postfix(loss=f"{loss.item():.3f}")
 
     if world > 1:

@@ -37,14 +37,12 @@ scaling`` command (:func:`add_reproduce_arguments`, :func:`run_reproduce`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from deepkern.models.training import progress_bar, save_atomic
 
 __all__ = [
     "ACTIVATIONS",
@@ -562,35 +562,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> 
     return result
 
 
-def _save_atomic(state: dict, path: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash leaves the old file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        raise ImportError(
-            "progress bars need tqdm: pip install deepkern[models] (or set progress=False)"
-        ) from error
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-
 def _optimizer(model: ScalingResNet, config: TrainConfig) -> torch.optim.Optimizer:
     residual = model.residual_parameters()
     residual_ids = {id(p) for p in residual}
@@ -662,7 +633,7 @@ def train(
         initial = evaluate(model, x_train, y_train)["loss"]
 
     steps = 0
-    bar = _progress_bar(config.epochs - start_epoch, name, config.progress)
+    bar = progress_bar(config.epochs - start_epoch, name, config.progress, leave=False)
     try:
         for epoch in range(start_epoch, config.epochs):
             order = torch.randperm(
@@ -698,7 +669,7 @@ def train(
                     "history": history,
                     "initial_train_loss": initial,
                 }
-                _save_atomic(state, config.checkpoint)
+                save_atomic(state, config.checkpoint)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{mean:.4f}")
@@ -851,7 +822,9 @@ def run_study(config: StudyConfig) -> dict:
     started = time.perf_counter()
     data = {task: load_task(task, config.seed, config.flow_samples) for task in config.tasks}
     combos = [(t, a, i) for t in config.tasks for a in config.activations for i in config.inits]
-    bar = _progress_bar(len(combos) * len(config.depths), "scaling study", config.progress)
+    bar = progress_bar(
+        len(combos) * len(config.depths), "scaling study", config.progress, leave=False
+    )
     settings = []
     try:
         for task, activation, init in combos:
