@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepkern.models.training import progress_bar, save_atomic
+from deepkern.models.training import environment, progress_bar, save_atomic
 from deepkern.ops import sde
 
 __all__ = [
@@ -1520,7 +1519,7 @@ def run_kolmogorov(args: argparse.Namespace) -> int:
         "problem": {"name": problem.name, "dim": problem.dim, "description": problem.description},
         "training": metrics,
         "evaluation_seconds": eval_seconds,
-        "environment": _environment(config.device),
+        "environment": environment(config.device),
     }
     with open(json_path, "w") as file:
         json.dump(report, file, indent=2)
@@ -1585,15 +1584,6 @@ def _write_plot(path: str, problem: KolmogorovProblem, values: dict, evaluation:
         f"relative L1 {evaluation['rel_l1']:.2e}, L-inf {evaluation['rel_linf']:.2e}"
     )
     figure.savefig(path, dpi=110)
-
-
-def _environment(device: str) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "device": device,
-    }
 
 
 # Published figures to print beside ours, keyed by (problem, dim): relative L1, L2 and L-inf
@@ -1733,7 +1723,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
             "rows": rows,
             "published": {f"{p}:{d}": v for (p, d), v in PUBLISHED.items()},
             "seconds": total,
-            "environment": _environment(args.device),
+            "environment": environment(args.device),
         }
         with open(args.out, "w") as file:
             json.dump(report, file, indent=2)

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from deepkern.models.resnet import (
     resnet101,
     small_resnet,
 )
-from deepkern.models.training import SilentBar, progress_bar, save_atomic
+from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
 from deepkern.nn import MomentumNet
 
 __all__ = [
@@ -957,15 +956,6 @@ def _write_plot(path: str, rows: list[dict], results: dict, settings: _Settings)
     figure.savefig(path, dpi=120)
 
 
-def _environment(settings: _Settings) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "device": settings.device,
-    }
-
-
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepkern demo``.
 
@@ -1061,7 +1051,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "memory": memory_seconds,
             "total": time.perf_counter() - started,
         },
-        "environment": _environment(settings),
+        "environment": environment(settings.device),
     }
     with open(json_path, "w") as file:
         json.dump(report, file, indent=2)
@@ -1193,7 +1183,7 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
             "accuracy": {k: results[k]["test_accuracy"] for k in ("resnet", "momentum")},
             "training": results,
             "memory": row,
-            "environment": _environment(settings),
+            "environment": environment(settings.device),
         }
         directory = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(directory, exist_ok=True)

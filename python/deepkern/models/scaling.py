@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepkern.models.training import progress_bar, save_atomic
+from deepkern.models.training import environment, progress_bar, save_atomic
 
 __all__ = [
     "ACTIVATIONS",
@@ -1207,15 +1206,6 @@ def _comparison(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _environment(config: StudyConfig) -> dict:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "device": config.device,
-    }
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce scaling``: run the study, print the table, write JSON and plots.
 
@@ -1243,7 +1233,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         "networks, ICML 2021",
         "findings": list(PAPER_FINDINGS),
     }
-    results["environment"] = _environment(config)
+    results["environment"] = environment(config.device)
     with open(json_path, "w") as file:
         json.dump(results, file, indent=1)
     plot_weight_paths(results, weights_path)

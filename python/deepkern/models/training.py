@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import tempfile
 
 import torch
 
-__all__ = ["SilentBar", "progress_bar", "save_atomic"]
+__all__ = ["SilentBar", "environment", "progress_bar", "save_atomic"]
 
 
 def save_atomic(state: dict, path: str) -> None:
@@ -63,3 +64,13 @@ def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
             "progress bars need tqdm: pip install deepkern[models] (or turn progress off)"
         ) from error
     return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=leave)
+
+
+def environment(device: str) -> dict:
+    """What a result file records about the run: versions, threads and device."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
