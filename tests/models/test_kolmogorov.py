@@ -478,6 +478,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         metrics = kol.train(model, config)
         params = {name: p.detach().clone() for name, p in model.named_parameters()}
         torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
+        # Both ranks leave together: a rank that tears gloo down while its peer still talks
+        # can abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

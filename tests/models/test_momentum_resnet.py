@@ -302,6 +302,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         metrics = mr.train(model, _tiny_config(epochs=1, batch_size=8), (x, y))
         params = {name: p.detach().clone() for name, p in model.named_parameters()}
         torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
+        # Both ranks leave together: a rank that tears gloo down while its peer still talks
+        # can abort the peer.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
