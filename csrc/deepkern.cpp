@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "sde/sde_cpu_kernels.h"
+
 #ifndef DEEPKERN_VERSION
 #define DEEPKERN_VERSION "unknown"
 #endif
@@ -56,6 +58,12 @@ PYBIND11_MODULE(_C, module) {
 #endif
     info["cuda_archs"] = std::string(DEEPKERN_CUDA_ARCHS);
     info["torch_version"] = DEEPKERN_TORCH_VERSION;
+    info["cpu_capability"] = deepkern::sde::cpu_capability();
     return info;
   });
+  module.def("cpu_capability", &deepkern::sde::cpu_capability,
+             "the instruction-set tier of the CPU kernels in use: generic, avx2 or avx512");
+  module.def("set_cpu_capability", &deepkern::sde::set_cpu_capability, pybind11::arg("name"),
+             "use the CPU kernels of another tier (no higher than the processor supports); "
+             "returns the previous tier");
 }

@@ -12,6 +12,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "common/philox.h"
 
@@ -42,11 +44,89 @@ struct Problem {
   bool antithetic;
 };
 
+// a * b + c with one rounding. Every multiply-add of the sde arithmetic is written this way and
+// the sources are compiled without contraction, so the CPU tiers and the GPU round alike.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T fused(T a, T b, T c) {
+#ifdef __CUDA_ARCH__
+  return ::fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// Constants of exp_minus_one for float and double: round-to-integer shifter, ln 2 in two parts,
+// and the Taylor degree of expm1 on [-ln2 / 2, ln2 / 2] that reaches the type's precision.
+template <typename T>
+struct ExpConstants;
+
+template <>
+struct ExpConstants<float> {
+  static constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float kLn2High = 0.693145752f;
+  static constexpr float kLn2Low = 1.42860677e-6f;
+  static constexpr int kDegree = 7;
+  static constexpr int kMantissaBits = 23;
+  static constexpr int kExponentBias = 127;
+};
+
+template <>
+struct ExpConstants<double> {
+  static constexpr double kShifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double kLn2High = 6.93147180369123816490e-01;
+  static constexpr double kLn2Low = 1.90821492927058770002e-10;
+  static constexpr int kDegree = 13;
+  static constexpr int kMantissaBits = 52;
+  static constexpr int kExponentBias = 1023;
+};
+
+template <typename T>
+C10_HOST_DEVICE constexpr T factorial(int n) {
+  return n <= 1 ? T(1) : T(n) * factorial<T>(n - 1);
+}
+
+// 2^k for an integral k within the normal range, built from its bits.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T power_of_two(T k) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  const Bits bits = static_cast<Bits>(static_cast<int32_t>(k) + ExpConstants<T>::kExponentBias)
+                    << ExpConstants<T>::kMantissaBits;
+  T value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+// e^y - 1 for y in [-40, 0], accurate relative to the result for small |y| as well: y = k ln2 + r
+// with |r| <= ln2 / 2, e^y - 1 = 2^k (e^r - 1) + (2^k - 1), and e^r - 1 from its Taylor series.
+// Branch-free, so CPU loops of it vectorise.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T exp_minus_one(T y) {
+  using C = ExpConstants<T>;
+  const T k = (y * T(1.4426950408889634) + C::kShifter) - C::kShifter;  // round(y / ln2)
+  const T r = fused(-k, C::kLn2Low, fused(-k, C::kLn2High, y));
+  // e^r - 1 = r + r^2 (1/2! + r (1/3! + ... + r / D!)), by Horner's rule.
+  T series = T(1) / factorial<T>(C::kDegree);
+  for (int n = C::kDegree - 1; n >= 2; --n) series = fused(series, r, T(1) / factorial<T>(n));
+  const T expm1_r = fused(series, r * r, r);
+  const T scale = power_of_two(k);
+  return fused(scale, expm1_r, scale - T(1));
+}
+
+// tanh(z) = -t / (2 + t) with t = e^(-2|z|) - 1, signed; |z| beyond 20 gives +-1 exactly.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T tanh_of(T z) {
+  const T magnitude = z < T(0) ? -z : z;
+  const T clamped = magnitude < T(20) ? magnitude : T(20);
+  const T t = exp_minus_one(T(-2) * clamped);
+  const T value = -t / (T(2) + t);
+  return z < T(0) ? -value : value;
+}
+
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T activate(int64_t activation, T z) {
   switch (activation) {
     case kTanh:
-      return ::tanh(z);
+      return tanh_of(z);
     case kRelu:
       return z > T(0) ? z : T(0);
     case kSoftplus:  // log(1 + e^z) without overflow for large z
@@ -70,7 +150,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void draw_normals(const Problem<T>& p, int64_t
   for (int64_t block = 0; block * 4 < p.dim; ++block) {
     const philox::Block counter{{static_cast<uint32_t>(source), static_cast<uint32_t>(source >> 32),
                                  static_cast<uint32_t>(step), static_cast<uint32_t>(block)}};
-    double normals[4];
+    float normals[4];
     philox::normals4(philox::philox4x32_10(counter, p.key0, p.key1), normals);
     for (int lane = 0; lane < 4 && block * 4 + lane < p.dim; ++lane) {
       z[block * 4 + lane] = sign * static_cast<T>(normals[lane]);
@@ -89,19 +169,21 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void drift(const Problem<T>& p, const T* x, T*
   if (p.drift_kind == kLinearDrift) {
     for (int64_t i = 0; i < d; ++i) {
       T acc = p.bias[i];
-      for (int64_t j = 0; j < d; ++j) acc += p.matrix[i * d + j] * x[j];
+      for (int64_t j = 0; j < d; ++j) acc = fused(p.matrix[i * d + j], x[j], acc);
       out[i] = acc;
     }
     return;
   }
   for (int64_t u = 0; u < p.hidden; ++u) {
     T acc = p.bias[u];
-    for (int64_t j = 0; j < d; ++j) acc += p.matrix[u * d + j] * x[j];
+    for (int64_t j = 0; j < d; ++j) acc = fused(p.matrix[u * d + j], x[j], acc);
     hidden[u] = activate(p.activation, acc);
   }
   for (int64_t i = 0; i < d; ++i) {
     T acc = p.out_bias[i];
-    for (int64_t u = 0; u < p.hidden; ++u) acc += p.out_matrix[i * p.hidden + u] * hidden[u];
+    for (int64_t u = 0; u < p.hidden; ++u) {
+      acc = fused(p.out_matrix[i * p.hidden + u], hidden[u], acc);
+    }
     out[i] = acc;
   }
 }
@@ -117,7 +199,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void apply_sigma(const Problem<T>& p, const T*
   } else {
     for (int64_t i = 0; i < d; ++i) {
       T acc = T(0);
-      for (int64_t j = 0; j <= i; ++j) acc += p.sigma[i * d + j] * z[j];
+      for (int64_t j = 0; j <= i; ++j) acc = fused(p.sigma[i * d + j], z[j], acc);
       out[i] = acc;
     }
   }
@@ -132,6 +214,12 @@ struct Scratch {
   T* hidden;
 };
 
+// x + mu h + sqrt(h) noise, rounded the same way everywhere.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T update(T x, T mu, T noise, const Problem<T>& p) {
+  return x + fused(mu, p.h, p.sqrt_h * noise);
+}
+
 // One Euler-Maruyama step of one path, in place.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void euler_step(const Problem<T>& p, int64_t path, int64_t step,
@@ -139,7 +227,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void euler_step(const Problem<T>& p, int64_t p
   draw_normals(p, path, step, s.z);
   apply_sigma(p, s.z, s.noise);
   drift(p, x, s.mu, s.hidden);
-  for (int64_t i = 0; i < p.dim; ++i) x[i] += s.mu[i] * p.h + p.sqrt_h * s.noise[i];
+  for (int64_t i = 0; i < p.dim; ++i) x[i] = update(x[i], s.mu[i], s.noise[i], p);
 }
 
 // The terminal functional of one path, in double.

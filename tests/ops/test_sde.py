@@ -4,6 +4,7 @@ gradients by noise replay, and bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,25 +16,101 @@ F64 = torch.float64
 Z = 5.0
 
 
-def _philox_zero_block_normals():
-    """Box-Muller of Random123's known answer for Philox4x32-10 at counter 0, key 0."""
-    bits = [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    u = [(b + 0.5) * 2.0**-32 for b in bits]
+def _philox4x32_10(counters: np.ndarray, key: int) -> np.ndarray:
+    """Philox4x32-10 in NumPy, from the published round function: counters [n, 4] uint32."""
+    c = counters.astype(np.uint64)
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[:, 0]
+        p1 = np.uint64(0xCD9E8D57) * c[:, 2]
+        c = np.stack(
+            [
+                (p1 >> np.uint64(32)) ^ c[:, 1] ^ k0,
+                p1 & mask,
+                (p0 >> np.uint64(32)) ^ c[:, 3] ^ k1,
+                p0 & mask,
+            ],
+            axis=1,
+        )
+        k0 = (k0 + np.uint64(0x9E3779B9)) & mask
+        k1 = (k1 + np.uint64(0xBB67AE85)) & mask
+    return c.astype(np.uint32)
+
+
+def _box_muller(words: np.ndarray) -> np.ndarray:
+    """The kernels' transform in float64: u = (w0 >> 1) 2^-31 + 2^-32, angle (w1 >> 8) 2^-24."""
+    w = words.astype(np.float64)
     out = []
-    for i in range(2):
-        radius = math.sqrt(-2.0 * math.log(u[2 * i]))
-        out += [
-            radius * math.cos(2 * math.pi * u[2 * i + 1]),
-            radius * math.sin(2 * math.pi * u[2 * i + 1]),
-        ]
-    return out
+    for pair in range(2):
+        u = np.floor(w[:, 2 * pair] / 2) * 2.0**-31 + 2.0**-32
+        turn = np.floor(w[:, 2 * pair + 1] / 256) * 2.0**-24
+        radius = np.sqrt(-2 * np.log(u))
+        out += [radius * np.cos(2 * np.pi * turn), radius * np.sin(2 * np.pi * turn)]
+    return np.stack(out, axis=1)
 
 
-def test_normals_follow_the_published_philox_answer():
-    z = sde.normals(torch.zeros(1, 4, dtype=F64), steps=1, seed=0)
-    torch.testing.assert_close(
-        z.flatten(), torch.tensor(_philox_zero_block_normals(), dtype=F64), rtol=1e-14, atol=1e-14
-    )
+def test_philox_reference_reproduces_the_published_known_answer():
+    zero = _philox4x32_10(np.zeros((1, 4), dtype=np.uint32), 0)
+    assert [int(v) for v in zero[0]] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_normals_are_box_muller_of_the_philox_stream(antithetic):
+    paths, dim, steps, first, seed = 300, 7, 3, 5, 2**40 + 12345
+    z = sde.normals(torch.zeros(paths, dim, dtype=F64), steps, seed, first, antithetic).numpy()
+    p, k, b = np.meshgrid(np.arange(paths), np.arange(steps), np.arange(2), indexing="ij")
+    source = p >> 1 if antithetic else p
+    counters = np.stack([source, np.zeros_like(p), k + first, b], axis=-1).reshape(-1, 4)
+    want = _box_muller(_philox4x32_10(counters.astype(np.uint32), seed))
+    want = want.reshape(paths, steps, 8)[:, :, :dim].transpose(1, 0, 2)
+    if antithetic:
+        want = want * np.where(np.arange(paths) % 2 == 1, -1.0, 1.0)[None, :, None]
+    # float32 arithmetic: a few units in the last place of the radius and the angle.
+    np.testing.assert_allclose(z, want, rtol=0, atol=2e-6 * (1 + np.abs(want)).max())
+    assert np.abs(z - want).max() < 1e-6 * 8
+
+
+def test_every_cpu_tier_draws_and_simulates_the_same_bits():
+    from deepkern import _C
+
+    best = _C.cpu_capability()
+    tiers = ["generic", "avx2", "avx512"]
+    tiers = tiers[: tiers.index(best) + 1]
+    x0 = torch.randn(77, 5, dtype=torch.float32)
+    drift = sde.Drift.mlp(torch.randn(6, 5), torch.randn(6), torch.randn(5, 6), torch.randn(5))
+    sigma = torch.tril(torch.rand(5, 5)) + torch.eye(5)
+    results = []
+    try:
+        for tier in tiers:
+            _C.set_cpu_capability(tier)
+            results.append(
+                (
+                    sde.normals(x0, 3, seed=9),
+                    sde.simulate(x0, sigma, drift, h=0.05, steps=7, seed=9, save_every=7),
+                    sde.monte_carlo(x0[:2].double(), sigma.double(), h=0.1, steps=3, paths=40),
+                )
+            )
+    finally:
+        _C.set_cpu_capability(best)
+    for other in results[1:]:
+        for got, want in zip(other[:2], results[0][:2]):
+            assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="cpu capability must be"):
+        _C.set_cpu_capability("sse9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_tanh_drift_is_accurate_to_the_last_bits(dtype):
+    """One step from x0 = 0 with no noise, h = 1, W1 = W2 = I and b1 = z gives exactly tanh(z)."""
+    z = torch.cat([torch.linspace(-25, 25, 1001), torch.logspace(-30, 1, 200)]).to(dtype)
+    n = z.numel()
+    eye = torch.eye(n, dtype=dtype)
+    drift = sde.Drift.mlp(eye, z, eye, torch.zeros(n, dtype=dtype))
+    x0 = torch.zeros(1, n, dtype=dtype)
+    got = sde.simulate(x0, torch.tensor(0.0, dtype=dtype), drift, h=1.0, steps=1, seed=1)[0]
+    eps = torch.finfo(dtype).eps
+    assert ((got - torch.tanh(z)).abs() <= 4 * eps * torch.tanh(z).abs()).all()
 
 
 def test_normals_are_standard_and_independent():

@@ -190,6 +190,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         import deepkern
 
         info["deepkern"] = deepkern.__version__
+        info["cpu_capability"] = deepkern.build_info()["cpu_capability"]
     except ImportError:
         info["deepkern"] = None
     return info

@@ -143,16 +143,28 @@ def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common
                 )
             )
             row["path_steps_per_s"] = paths * steps / ours_s
+            row["normals_per_s"] = paths * steps * dim / ours_s
+            if device.type == "cuda":
+                # Bytes that must cross memory: the start points in, the terminal states out.
+                moved = 2 * x0.numel() * x0.element_size()
+                row["bandwidth_fraction"] = moved / ours_s / _copy_bandwidth(device)
             row["peak_bytes"] = measure_step(calls["ours"], device).peak_bytes
         except Exception as error:  # a failed case is reported in its row, not hidden
             row["error"] = f"{type(error).__name__}: {error}"
         rows.append(row)
 
-    summary = [_generator_rates(device, min_run_time, args.quick)]
+    summary = _generator_rates(device, min_run_time, args.quick)
+    for row in rows:
+        if "normals_per_s" in row:
+            row["generator_fraction"] = row["normals_per_s"] / summary["kernel_normals_per_s"]
     columns = common.comparison_columns("torchsde") + [
         common.Column("path_steps_per_s", "path-steps/s", lambda v: f"{v / 1e6:.1f} M"),
+        common.Column("normals_per_s", "normals/s", lambda v: f"{v / 1e6:.0f} M"),
+        common.Column("generator_fraction", "of generator", lambda v: f"{v:.2f}"),
         common.Column("peak_bytes", "peak MiB", common.mebibytes),
     ]
+    if device.type == "cuda":
+        columns.append(common.Column("bandwidth_fraction", "of copy bw", lambda v: f"{v:.3f}"))
     return common.Report(
         family="sde",
         columns=columns,
@@ -163,13 +175,26 @@ def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common
             common.Column("randn_per_s", "torch.randn", lambda v: f"{v / 1e6:.1f} M"),
             common.Column("ratio", "randn/normals", common.times),
         ],
-        summary=summary,
+        summary=[summary],
         env=env,
         notes=[
             "ref/ours and torchsde/ours above 1 mean the fused kernel is faster; "
             "the plain loop draws torch.randn each step, torchsde runs sdeint(method='euler')",
+            "normals/s counts the normals the simulation consumed; 'of generator' divides it by "
+            "the rate of sde.normals alone (which also writes its output), the bound the "
+            "generator puts on a simulation",
+            "on CUDA, 'of copy bw' is the memory traffic a simulation cannot avoid (start points "
+            "in, terminal states out) over the bandwidth of a device-to-device copy",
         ],
     )
+
+
+def _copy_bandwidth(device) -> float:
+    """Bytes per second (read plus write) of a 1 GiB device-to-device copy."""
+    source = torch.empty(2**28, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    timing = common.time_calls({"copy": lambda: target.copy_(source)}, min_run_time=0.2)
+    return 2 * source.numel() * source.element_size() / timing["copy"].median
 
 
 def _generator_rates(device, min_run_time: float, quick: bool) -> dict:

@@ -1,0 +1,3 @@
+// The sde CPU kernels for the avx2 tier; CMakeLists.txt sets this file's instruction-set flags.
+#define DEEPKERN_CPU_TIER avx2
+#include "sde/sde_cpu_tiles.h"
