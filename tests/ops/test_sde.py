@@ -2,7 +2,11 @@
 same normals, the laws of Brownian motion and Ornstein-Uhlenbeck, Monte Carlo reductions,
 gradients by noise replay, and bad input."""
 
+import functools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -516,3 +520,28 @@ def test_mixed_devices_and_step_overflow_are_refused():
         _call(sigma=torch.tensor(0.5, device="meta"))
     with pytest.raises(RuntimeError, match="first_step \\+ steps must stay below 2\\^32"):
         _call(steps=1, first_step=2**63 - 1)
+
+
+def test_cpu_capability_environment_variable():
+    script = (
+        "import torch, deepkern\n"
+        "from deepkern.ops import sde\n"
+        "sde.normals(torch.zeros(3, 2), 1, seed=1)\n"
+        "print(deepkern.build_info()['cpu_capability'])\n"
+    )
+    run = functools.partial(subprocess.run, [sys.executable, "-c", script], capture_output=True)
+    chosen = run(env={**os.environ, "DEEPKERN_CPU_CAPABILITY": "generic"}, text=True)
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == "generic"
+    refused = run(env={**os.environ, "DEEPKERN_CPU_CAPABILITY": "sse9"}, text=True)
+    assert refused.returncode != 0
+    assert "cpu capability must be 'generic', 'avx2' or 'avx512', got 'sse9'" in refused.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_cuda_draws_the_same_normal_bits_as_the_cpu(antithetic):
+    like = torch.zeros(1000, 9)
+    cpu = sde.normals(like, 4, seed=77, first_step=3, antithetic=antithetic)
+    gpu = sde.normals(like.cuda(), 4, seed=77, first_step=3, antithetic=antithetic)
+    assert torch.equal(gpu.cpu(), cpu)

@@ -11,9 +11,17 @@ numbers whatever the thread count or device, any step can be replayed, and nothi
 requested states is ever stored. With ``antithetic=True`` paths 2j and 2j + 1 use opposite
 normals.
 
-Determinism: the CPU and CUDA kernels draw the same uniform bits; the normals agree to within
-a few units in the last place of float64, since ``log``, ``sin`` and ``cos`` are not correctly
-rounded on every platform.
+Normals: each Philox block of four 32-bit words gives four normals by the Box-Muller transform,
+computed in float32 for both dtypes (radius from 31 bits, at most 6.66; angle from 24 bits) with
+the package's own logarithm, sine and cosine polynomials and explicit fused multiply-adds. The
+normals are therefore the same bits on every CPU instruction-set tier and on CUDA, and within a
+few float32 units in the last place of the exact transform of their words. A float64
+simulation uses these float32-precision normals; its arithmetic is float64.
+
+CPU kernels: paths advance in tiles of 16 lanes, vectorised for AVX-512, AVX2 or neither, picked
+at run time (``deepkern.build_info()["cpu_capability"]``; lower it with the environment variable
+``DEEPKERN_CPU_CAPABILITY=generic|avx2|avx512`` or ``deepkern._C.set_cpu_capability``). The
+zero, linear, tanh and ReLU drifts vectorise; softplus and sine call the C library per element.
 """
 
 from __future__ import annotations
