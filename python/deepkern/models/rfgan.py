@@ -9,9 +9,10 @@ the generator is pushed towards images whose representative features look real a
 paper argues that, since the autoencoder minimises a forward KL divergence while the GAN
 minimises a reverse one, training with both improves sample diversity and quality.
 
-What we follow and where we choose (the paper's body text could not be consulted offline
-while writing this; the points below are what is specified by the method's description and
-by DCGAN, and our own choices are marked as such):
+What we follow and where we choose. The method fixes the frozen, pretrained autoencoder and
+the joining of its feature to the discriminator's last feature map; the rest follows DCGAN,
+and the points that are our own choices say so (the paper's text was not at hand to check
+its training details against):
 
 - Networks: DCGAN (Radford, Metz and Chintala, 2016): strided convolutions, no pooling, batch
   norm in both networks except the generator's output and the discriminator's input layer,
@@ -24,11 +25,11 @@ by DCGAN, and our own choices are marked as such):
   error and Adam (our choice), then frozen: ``requires_grad`` off, eval mode kept (its batch
   norm uses its running statistics, and they never change).
 - Loss and steps: the standard GAN loss with the non-saturating generator loss, one
-  discriminator step then one generator step per batch, Adam with lr 2e-4 and beta1 0.5 (the
-  DCGAN settings). Only the discriminator's own parameters (not the encoder) are updated in
+  discriminator step then one generator step per batch, Adam with lr 2e-4 and beta1 0.5:
+  DCGAN's settings, taken for RFGAN as well (our reading, unchecked). Only the discriminator's own parameters (not the encoder) are updated in
   its step; only the generator's in its step.
 - Sampling for evaluation: the generator in eval mode (batch-norm running statistics), so
-  each sample depends on its noise alone.
+  each sample depends on its noise alone (our choice).
 
 This module holds the networks (:class:`Generator`, :class:`Discriminator`, :class:`Encoder`,
 :class:`Decoder`, :class:`Autoencoder`), :func:`pretrain_autoencoder`, the GAN training
@@ -838,9 +839,9 @@ def sample(generator: Generator, count: int, seed: int, batch_size: int = 256) -
 # The command: deepkern reproduce rfgan
 
 # The paper measures inception scores (and other measures) of RFGAN against DCGAN-based GANs
-# on CIFAR-10, STL-10, CelebA and LSUN; it reports RFGAN ahead of the baselines it extends.
-# Its figures could not be checked against the paper's text while this was written, so none
-# is quoted: the claim is printed in words.
+# on CIFAR-10, STL-10, CelebA and LSUN, and reports RFGAN ahead of the baselines it extends.
+# NOTE: its figures are not quoted, since they could not be verified against the paper's text;
+# the claim is printed in words.
 PAPER_CLAIM = (
     "paper (Bang and Shim 2018; CIFAR-10, STL-10, CelebA, LSUN at 32-64 px): RFGAN reported "
     "ahead of its DCGAN baseline in inception score and diversity; figures not quoted here"
@@ -932,7 +933,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-epochs", type=int, help="classifier epochs (default 6)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default 0 1 2)")
     parser.add_argument("--k", type=int, help="neighbour of precision and recall (default 3)")
-    parser.add_argument("--train-limit", type=int, help="use only the first N training images")
+    parser.add_argument(
+        "--train-limit", type=int, help="use only the first N training and N test images"
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu; cuda with --full)")
     parser.add_argument("--threads", type=int, help="CPU threads of PyTorch")
     parser.add_argument("--checkpoint-dir", help="write one checkpoint per GAN here each epoch")
