@@ -175,9 +175,6 @@ def load_npz_split(
 # The photographs are shrunk so that a patch covers what 64x64 pixels cover at full size:
 # large enough to hold texture (roof tiles, leaves, petals), small enough for many patches.
 _PATCH_FOOTPRINT = 64
-# Each region keeps the left three quarters of its columns for training and the rest for
-# testing, so that no training patch shares a pixel with a test patch.
-_TRAIN_COLUMNS = 0.75
 
 
 def load_photo_patches(
@@ -193,9 +190,10 @@ def load_photo_patches(
     landscape and a flower) inside the scikit-learn package, so nothing is downloaded. Each
     photograph is shrunk by ``size / 64`` and cut into a 2x2 grid of regions; the label of a
     patch is its region (0-3 the first photograph, 4-7 the second, row by row). Patches are
-    ``size`` x ``size`` at seeded random positions, training patches from the left three
-    quarters of each region and test patches from the right quarter (no pixel is shared).
-    Patches of one part overlap each other: the set is small and its patches correlated.
+    ``size`` x ``size`` at seeded random positions anywhere in their region, training and test
+    patches drawn independently: the test set is a fresh sample of the same distribution, not
+    disjoint from the training set (patches overlap, within and across the parts). The set is
+    small and its patches correlated.
 
     Args:
         seed: the seed of the patch positions.
@@ -250,14 +248,10 @@ def load_photo_patches(
             for col in range(2):
                 top, bottom = row * height // 2, (row + 1) * height // 2
                 left, right = col * width // 2, (col + 1) * width // 2
-                split = left + int(_TRAIN_COLUMNS * (right - left))
                 label = 4 * photo_index + 2 * row + col
-                for part, (c0, c1), count in (
-                    ("train", (left, split), train_per_region),
-                    ("test", (split, right), test_per_region),
-                ):
+                for part, count in (("train", train_per_region), ("test", test_per_region)):
                     ys = torch.randint(top, bottom - size + 1, (count,), generator=generator)
-                    xs = torch.randint(c0, c1 - size + 1, (count,), generator=generator)
+                    xs = torch.randint(left, right - size + 1, (count,), generator=generator)
                     for y0, x0 in zip(ys.tolist(), xs.tolist()):
                         parts[part][0].append(image[:, y0 : y0 + size, x0 : x0 + size])
                     parts[part][1].extend([label] * count)

@@ -26,8 +26,9 @@ its training details against):
   norm uses its running statistics, and they never change).
 - Loss and steps: the standard GAN loss with the non-saturating generator loss, one
   discriminator step then one generator step per batch, Adam with lr 2e-4 and beta1 0.5:
-  DCGAN's settings, taken for RFGAN as well (our reading, unchecked). Only the discriminator's own parameters (not the encoder) are updated in
-  its step; only the generator's in its step.
+  DCGAN's settings, taken for RFGAN as well (our reading, unchecked). Only the
+  discriminator's own parameters (not the encoder) are updated in its step; only the
+  generator's in its step.
 - Sampling for evaluation: the generator in eval mode (batch-norm running statistics), so
   each sample depends on its noise alone (our choice).
 
