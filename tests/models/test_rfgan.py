@@ -241,11 +241,23 @@ def test_pretrained_encoder_stays_frozen_through_gan_training(digits):
 
 def test_sample_is_seeded_and_in_range():
     generator = rf.Generator(16, 1, 8, 4, generator=_generator())
+    buffers = _snapshot(generator)
     a, b = rf.sample(generator, 5, seed=1), rf.sample(generator, 5, seed=1)
     assert torch.equal(a, b) and a.shape == (5, 1, 16, 16) and a.abs().max() < 1
     assert not torch.equal(a, rf.sample(generator, 5, seed=2))
-    assert generator.training  # the mode is restored
-    assert rf.sample(generator, 0, seed=1).shape == (0, 1, 16, 16)
+    assert generator.training and not _changed(buffers, generator)  # mode and statistics kept
+    generator.eval()
+    assert rf.sample(generator, 0, seed=1).shape == (0, 1, 16, 16) and not generator.training
+
+    # Batch statistics over each batch: the first 4 samples in batches of 4 are those of a
+    # call for 4 samples; a last batch of one joins the batch before.
+    torch.testing.assert_close(
+        rf.sample(generator, 9, seed=3, batch_size=4)[:4], rf.sample(generator, 4, seed=3)
+    )
+    nine = rf.sample(generator, 9, seed=3, batch_size=4)
+    assert nine.shape == (9, 1, 16, 16)
+    with pytest.raises(ValueError, match="batch_size"):
+        rf.sample(generator, 3, seed=0, batch_size=1)
 
 
 def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
