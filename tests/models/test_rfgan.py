@@ -316,6 +316,9 @@ def test_bad_settings_name_the_field(digits):
     generator, discriminator = _tiny_pair()
     with pytest.raises(ValueError, match="images"):
         rf.train(generator, discriminator, _tiny_config(), torch.zeros(8, 3, 16, 16))
+    colour = rf.Generator(16, 3, 8, 4)
+    with pytest.raises(ValueError, match="the generator makes 3x16x16"):
+        rf.train(colour, discriminator, _tiny_config(), torch.zeros(8, 1, 16, 16))
     with pytest.raises(ValueError, match="images must be a floating-point tensor"):
         rf.train(generator, discriminator, _tiny_config(), torch.zeros(8, 16, 16))
 
@@ -468,6 +471,12 @@ def test_classifier_features_and_evaluation(digits):
     assert features.shape == (64, 16) and features.dtype == torch.float64 and labels.shape == (64,)
     same = gm.evaluate_samples(classifier, x_train, x_train)
     assert same["fd"] == pytest.approx(0.0, abs=1e-6) and same["precision"] == same["recall"] == 1.0
+
+    # Two halves of the real digits are far closer to each other than to uniform noise.
+    halves = gm.evaluate_samples(classifier, x_train[:48], x_train[48:])
+    noise = gm.evaluate_samples(classifier, x_train[:48], _images(48, seed=4))
+    assert halves["fd"] < 0.2 * noise["fd"]
+    assert halves["precision"] > noise["precision"] and halves["recall"] > noise["recall"]
 
 
 def _read_png(path) -> tuple[int, int, int, np.ndarray]:

@@ -666,7 +666,8 @@ def train(
     """
     images = _check_images(images)
     expected = (discriminator.channels, discriminator.image_size, discriminator.image_size)
-    if tuple(images.shape[1:]) != expected or generator.image_size != discriminator.image_size:
+    made = (generator.channels, generator.image_size, generator.image_size)
+    if tuple(images.shape[1:]) != expected or made != expected:
         raise ValueError(
             f"images are {tuple(images.shape[1:])}, the discriminator takes {expected} and the "
             f"generator makes {generator.channels}x{generator.image_size}x{generator.image_size}"
