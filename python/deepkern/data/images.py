@@ -4,6 +4,8 @@
   the digits 0-9, shipped inside the scikit-learn package), split, normalised and resized.
 - :func:`load_npz_split`: any image set that a user has saved as one ``.npz`` file (for
   example CIFAR-10 for a full-size run), read without unpickling anything.
+- :func:`load_photo_patches`: colour texture patches cut from the two photographs that
+  scikit-learn ships (``load_sample_images``), labelled by the region they come from.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["load_digits_split", "load_npz_split"]
+__all__ = ["load_digits_split", "load_npz_split", "load_photo_patches"]
 
 Split = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -38,18 +40,22 @@ def load_digits_split(
     test_fraction: float = 0.2,
     size: int = 8,
     dtype: torch.dtype = torch.float32,
+    scaling: str = "standardise",
 ) -> Split:
     """scikit-learn's handwritten digits as a stratified, seeded train/test split.
 
     The 1797 images are scaled to [0, 1], resized with bilinear interpolation when ``size`` is
-    not 8, and standardised with the mean and standard deviation of the training images. Each
-    class keeps its share in both parts.
+    not 8, and standardised with the mean and standard deviation of the training images
+    (``scaling="standardise"``) or mapped to [-1, 1] (``scaling="symmetric"``, the range of a
+    generator with a tanh output). Each class keeps its share in both parts.
 
     Args:
         seed: the seed of the split; the same seed gives the same split.
         test_fraction (float in (0, 1)): share of the images held out for testing.
         size (int >= 1): side of the returned images, for example 8 (as scanned), 16 or 32.
         dtype: floating-point type of the images.
+        scaling ("standardise" or "symmetric"): zero mean and unit variance over the training
+            images, or pixel values in [-1, 1] (blank paper at -1, full ink at 1).
 
     Returns:
         (x_train, y_train, x_test, y_test): x as Tensor[N, 1, size, size] of ``dtype``, y as
@@ -57,7 +63,8 @@ def load_digits_split(
 
     Raises:
         ImportError: scikit-learn is not installed.
-        ValueError: test_fraction outside (0, 1), size below 1, or a non-floating dtype.
+        ValueError: test_fraction outside (0, 1), size below 1, a non-floating dtype or an
+            unknown scaling.
 
     Example:
         >>> x_train, y_train, x_test, y_test = load_digits_split(seed=0, size=16)
@@ -70,6 +77,8 @@ def load_digits_split(
         raise ValueError(f"size must be a positive integer, got {size!r}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    if scaling not in ("standardise", "symmetric"):
+        raise ValueError(f"scaling must be 'standardise' or 'symmetric', got {scaling!r}")
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -89,7 +98,11 @@ def load_digits_split(
     x = torch.from_numpy(images).unsqueeze(1)
     y = torch.from_numpy(digits.target.astype(np.int64))
     x = _resize(x, size)
-    x_train, x_test = _standardise(x[train_idx], x[test_idx])
+    if scaling == "symmetric":
+        # Bilinear interpolation stays within [0, 1], so the result stays within [-1, 1].
+        x_train, x_test = 2.0 * x[train_idx] - 1.0, 2.0 * x[test_idx] - 1.0
+    else:
+        x_train, x_test = _standardise(x[train_idx], x[test_idx])
     return x_train.to(dtype), y[train_idx], x_test.to(dtype), y[test_idx]
 
 
@@ -157,3 +170,95 @@ def load_npz_split(
         xs = [_resize(x, size) for x in xs]
     x_train, x_test = _standardise(xs[0], xs[1])
     return x_train.to(dtype), ys[0], x_test.to(dtype), ys[1]
+
+
+# The photographs are shrunk so that a patch covers what 64x64 pixels cover at full size:
+# large enough to hold texture (roof tiles, leaves, petals), small enough for many patches.
+_PATCH_FOOTPRINT = 64
+
+
+def load_photo_patches(
+    seed: int,
+    size: int = 16,
+    train_per_region: int = 250,
+    test_per_region: int = 60,
+    dtype: torch.dtype = torch.float32,
+) -> Split:
+    """Colour patches of the two photographs that scikit-learn ships, labelled by region.
+
+    ``sklearn.datasets.load_sample_images`` holds two 427x640 RGB photographs (a temple in a
+    landscape and a flower) inside the scikit-learn package, so nothing is downloaded. Each
+    photograph is shrunk by ``size / 64`` and cut into a 2x2 grid of regions; the label of a
+    patch is its region (0-3 the first photograph, 4-7 the second, row by row). Patches are
+    ``size`` x ``size`` at seeded random positions anywhere in their region, training and test
+    patches drawn independently: the test set is a fresh sample of the same distribution, not
+    disjoint from the training set (patches overlap, within and across the parts). The set is
+    small and its patches correlated.
+
+    Args:
+        seed: the seed of the patch positions.
+        size (int in [4, 64]): side of the patches.
+        train_per_region, test_per_region (int >= 1): patches per region and part.
+        dtype: floating-point type of the images.
+
+    Returns:
+        (x_train, y_train, x_test, y_test): x as Tensor[N, 3, size, size] of ``dtype`` with
+        values in [-1, 1], y as Tensor[N] int64 with values 0-7; N is 8 * train_per_region
+        and 8 * test_per_region.
+
+    Raises:
+        ImportError: scikit-learn or Pillow (which reads the photographs) is not installed.
+        ValueError: a size outside [4, 64], counts below 1, or a non-floating dtype.
+
+    Example:
+        >>> x_train, y_train, x_test, y_test = load_photo_patches(seed=0, size=16)
+        >>> x_train.shape
+        torch.Size([2000, 3, 16, 16])
+    """
+    if not isinstance(size, int) or not 4 <= size <= _PATCH_FOOTPRINT:
+        raise ValueError(f"size must be an integer in [4, {_PATCH_FOOTPRINT}], got {size!r}")
+    for name, count in (
+        ("train_per_region", train_per_region),
+        ("test_per_region", test_per_region),
+    ):
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name} must be a positive integer, got {count!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    try:
+        from sklearn.datasets import load_sample_images
+
+        photos = load_sample_images().images
+    except ImportError as error:
+        raise ImportError(
+            "load_photo_patches needs scikit-learn and Pillow; install them with: "
+            "pip install deepkern[models]"
+        ) from error
+
+    generator = torch.Generator().manual_seed(seed)
+    parts: dict[str, tuple[list[Tensor], list[int]]] = {"train": ([], []), "test": ([], [])}
+    for photo_index, photo in enumerate(photos):
+        image = torch.from_numpy(np.asarray(photo, dtype=np.float64) / 255.0).permute(2, 0, 1)
+        height = round(image.shape[1] * size / _PATCH_FOOTPRINT)
+        width = round(image.shape[2] * size / _PATCH_FOOTPRINT)
+        image = F.interpolate(
+            image[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )[0].clamp(0.0, 1.0)
+        for row in range(2):
+            for col in range(2):
+                top, bottom = row * height // 2, (row + 1) * height // 2
+                left, right = col * width // 2, (col + 1) * width // 2
+                label = 4 * photo_index + 2 * row + col
+                for part, count in (("train", train_per_region), ("test", test_per_region)):
+                    ys = torch.randint(top, bottom - size + 1, (count,), generator=generator)
+                    xs = torch.randint(left, right - size + 1, (count,), generator=generator)
+                    for y0, x0 in zip(ys.tolist(), xs.tolist()):
+                        parts[part][0].append(image[:, y0 : y0 + size, x0 : x0 + size])
+                    parts[part][1].extend([label] * count)
+
+    result = []
+    for part in ("train", "test"):
+        patches, labels = parts[part]
+        result.append((2.0 * torch.stack(patches) - 1.0).to(dtype))
+        result.append(torch.tensor(labels, dtype=torch.int64))
+    return result[0], result[1], result[2], result[3]
