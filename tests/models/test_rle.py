@@ -262,8 +262,15 @@ def test_reproduce_quick_prints_the_table(tmp_path, capsys):
     assert os.path.exists(tmp_path / "rle.json")
 
 
-def test_reproduce_rejects_bad_settings():
+def test_reproduce_settings():
+    full = rle._resolve(_parse(["--full", "--epochs", "3", "--tasks", "digits"]))
+    assert (full.size, full.n_train, full.width, full.epochs) == (64, 50000, 64, 3)
+    assert full.tasks == ("digits",)
+    quick = rle._resolve(_parse(["--quick", "--variant", "official"]))
+    assert quick.variant == "official" and quick.epochs == 1
     with pytest.raises(ValueError, match="--epochs"):
         rle.run_reproduce(_parse(["--quick", "--epochs", "-1"]))
+    with pytest.raises(ValueError, match="--occlusion"):
+        rle.run_reproduce(_parse(["--quick", "--occlusion", "2"]))
     with pytest.raises(SystemExit):
         _parse(["--quick", "--full"])

@@ -271,3 +271,20 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         RealNVP(dim=1)
     with pytest.raises(ValueError, match="x must be"):
         RealNVP()(torch.zeros(3, 3))
+
+
+def test_residual_samples_follow_base_times_flow():
+    # Identity flow (standard normal G) times the unit Gaussian base: a normal density with
+    # variance 1/2 per coordinate.
+    loss_fn = _loss(base="gaussian")
+    _identity_(loss_fn.flow)
+    samples, weights = loss_fn.sample_residuals(200_000, torch.Generator().manual_seed(0))
+    assert samples.shape == (200_000, 2) and weights.sum().item() == pytest.approx(1.0)
+    variance = (weights[:, None] * samples**2).sum(0)
+    torch.testing.assert_close(
+        variance, torch.full((2,), 0.5, dtype=torch.float64), atol=0.01, rtol=0
+    )
+    # Without the base the samples are the flow's own, equally weighted.
+    flow_only = _loss(residual=False)
+    _, equal = flow_only.sample_residuals(10, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(equal, torch.full((10,), 0.1, dtype=torch.float64))
