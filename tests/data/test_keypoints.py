@@ -101,6 +101,10 @@ def test_split_has_noisy_training_labels_and_exact_test_labels():
     assert torch.equal(test.keypoints, test.clean)
     sub = train.subset(slice(0, 5))
     assert len(sub) == 5 and torch.equal(sub.images, train.images[:5])
+    # Noisy test labels on request: the same images and truth, other labels.
+    _, noisy = kp.stick_figure_split(50, 20, seed=1, noisy_test_labels=True)
+    assert torch.equal(noisy.images, test.images) and torch.equal(noisy.clean, test.clean)
+    assert not torch.equal(noisy.keypoints, noisy.clean)
 
 
 def test_digit_localisation_labels_are_the_ink_centre_of_mass():
@@ -117,6 +121,9 @@ def test_digit_localisation_labels_are_the_ink_centre_of_mass():
     y = (image.sum(2) * coords).sum(1) / mass
     torch.testing.assert_close(torch.stack([x, y], -1).float(), test.clean[:, 0], atol=1e-4, rtol=0)
     assert test.scale.min() >= 12 and test.scale.max() <= 24
+    # The noise settings change the labels only, never the split or the images.
+    _, exact = kp.digit_localisation_split(seed=0, pixel_noise=0.0, noise_scale=0.0)
+    assert torch.equal(exact.images, test.images)
 
 
 def test_bad_arguments():

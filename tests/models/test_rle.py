@@ -258,7 +258,9 @@ def test_reproduce_quick_prints_the_table(tmp_path, capsys):
         assert f"| {label}" in printed
     report = json.loads((tmp_path / "rle.json").read_text())
     assert set(report["results"]) == {"figures", "digits"}
-    assert report["results"]["figures"]["rle"]["test"]["calibration"] is not None
+    rle_test = report["results"]["figures"]["rle"]["test"]
+    assert rle_test["calibration"] is not None and rle_test["calibration_truth"] is not None
+    assert report["results"]["figures"]["l1"]["test"]["calibration"] is None
     assert os.path.exists(tmp_path / "rle.json")
 
 

@@ -308,11 +308,11 @@ def make_stick_figures(
     under = patch[torch.arange(n)[:, None], pixel[..., 1], pixel[..., 0]]
     visible = torch.where(under, 0.0, visible)
 
-    labels = clean
-    if noise_scale > 0 or outlier_fraction > 0:
-        labels = _annotation_noise(
-            clean, scale, size, noise_scale, noise_df, outlier_fraction, generator
-        )
+    # Drawn even without noise (then the labels are exactly the truth), so that the images of
+    # a seed do not depend on the noise settings.
+    labels = _annotation_noise(
+        clean, scale, size, noise_scale, noise_df, outlier_fraction, generator
+    )
     return KeypointData(
         images=images[:, None].float(),
         keypoints=labels.float(),
@@ -332,11 +332,15 @@ def stick_figure_split(
     noise_scale: float = 0.04,
     noise_df: int = 3,
     outlier_fraction: float = 0.02,
+    noisy_test_labels: bool = False,
 ) -> tuple[KeypointData, KeypointData]:
     """A training set with noisy labels and a test set with exact ones.
 
     Both sets come from :func:`make_stick_figures` with the same occlusion and independent
-    seeds derived from ``seed``; only the training labels carry the annotation noise.
+    seeds derived from ``seed``; only the training labels carry the annotation noise, unless
+    ``noisy_test_labels`` asks for the same noise on the test labels (the test images and
+    ``clean`` do not change; a likelihood model's scales can then be judged against labels
+    of the kind it was trained on).
 
     Returns:
         (train, test) :class:`KeypointData`.
@@ -350,7 +354,15 @@ def stick_figure_split(
         noise_df=noise_df,
         outlier_fraction=outlier_fraction,
     )
-    test = make_stick_figures(n_test, size, seed=2 * seed + 1, occlusion=occlusion)
+    test = make_stick_figures(
+        n_test,
+        size,
+        seed=2 * seed + 1,
+        occlusion=occlusion,
+        noise_scale=noise_scale if noisy_test_labels else 0.0,
+        noise_df=noise_df,
+        outlier_fraction=outlier_fraction if noisy_test_labels else 0.0,
+    )
     return train, test
 
 
@@ -364,6 +376,7 @@ def digit_localisation_split(
     noise_df: int = 3,
     outlier_fraction: float = 0.02,
     pixel_noise: float = 0.05,
+    noisy_test_labels: bool = False,
 ) -> tuple[KeypointData, KeypointData]:
     """Locate the ink of a real handwritten digit: scikit-learn's 1797 digit scans.
 
@@ -372,8 +385,9 @@ def digit_localisation_split(
     canvas with Gaussian pixel noise. The label (K = 1) is the centre of mass of the pasted
     ink; ``scale`` is the pasted side. The training labels get the annotation noise of
     :func:`make_stick_figures` (``noise_scale`` times the side, Student-t, outliers), the test
-    labels are exact. The split is seeded and shuffled; every keypoint is visible. The OKS
-    constant is 0.079 (COCO's shoulder value, a mid-range body part).
+    labels are exact unless ``noisy_test_labels`` (``clean`` stays exact either way). The
+    split is seeded and shuffled; every keypoint is visible. The OKS constant is 0.079 (COCO's
+    shoulder value, a mid-range body part).
 
     Returns:
         (train, test) :class:`KeypointData`, 1438 and 359 examples with the defaults.
@@ -416,11 +430,10 @@ def digit_localisation_split(
         clean[i, 0, 1] = (digit.sum(1) * coords[y0 : y0 + side]).sum() / mass
     scale = sides.double()
 
-    labels = clean
-    if noise_scale > 0 or outlier_fraction > 0:
-        labels = _annotation_noise(
-            clean, scale, size, noise_scale, noise_df, outlier_fraction, generator
-        )
+    # Drawn even without noise, so that the split of a seed does not depend on the noise.
+    labels = _annotation_noise(
+        clean, scale, size, noise_scale, noise_df, outlier_fraction, generator
+    )
     order = torch.randperm(n, generator=generator)
     n_test = int(round(test_fraction * n))
     test_index, train_index = order[:n_test], order[n_test:]
@@ -434,6 +447,6 @@ def digit_localisation_split(
     )
     train = data.subset(train_index)
     test = data.subset(test_index)
-    # The test labels are the exact centres of mass.
-    test.keypoints = test.clean.clone()
+    if not noisy_test_labels:
+        test.keypoints = test.clean.clone()
     return train, test
