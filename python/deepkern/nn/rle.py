@@ -156,8 +156,10 @@ class RLELoss(nn.Module):
 
         official_k = paper_k + sum_d log sigma_d + (D - 1) * (-log G(r))
 
-    (it does not copy those codes' other choices of constants, such as their scale convention
-    for the Laplace base, which only shift the loss by a constant).
+    Only the count of terms changes between the variants; the base stays the unit Laplace or
+    Gaussian above (the official code writes its Laplace term as ``|r| / sqrt(2)`` plus
+    ``log sqrt(2 pi)``, a Laplace of scale ``sqrt(2)`` with another constant, which we do not
+    reproduce).
 
     The flow's parameters are registered submodules: a model that owns this loss as a
     submodule hands them to its optimiser with ``model.parameters()``.
