@@ -261,7 +261,9 @@ def test_reproduce_quick_prints_the_table(tmp_path, capsys):
     rle_test = report["results"]["figures"]["rle"]["test"]
     assert rle_test["calibration"] is not None and rle_test["calibration_truth"] is not None
     assert report["results"]["figures"]["l1"]["test"]["calibration"] is None
-    assert os.path.exists(tmp_path / "rle.json")
+    assert "preview_images" not in report["results"]["figures"]
+    for name in ("figures.png", "digits.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_reproduce_settings():

@@ -907,7 +907,10 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="CPU threads of PyTorch")
     parser.add_argument("--checkpoint-dir", help="write one checkpoint per run here each epoch")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints")
-    parser.add_argument("--out", help="write rle.json (results and settings) to this folder")
+    parser.add_argument(
+        "--out",
+        help="write rle.json (results, settings) and a PNG of predictions per data set here",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -999,7 +1002,47 @@ def _run_all(settings: _Settings, progress: bool) -> dict:
             results[task][method] = train(
                 model, config, train_data, test_data, name=f"{task} {method}"
             )
+            # A few test predictions, for the picture that --out draws.
+            shown = predict(model, test_data.images[:_PREVIEW], device=settings.device)
+            results[task][method]["preview"] = shown["keypoints"].tolist()
+        results[task]["preview_truth"] = test_data.clean[:_PREVIEW].tolist()
+        results[task]["preview_visible"] = test_data.visible[:_PREVIEW].tolist()
+        results[task]["preview_images"] = test_data.images[:_PREVIEW, 0].tolist()
     return results
+
+
+_PREVIEW = 6
+
+
+def _write_preview(path: str, task: str, settings: _Settings, results: dict, images: list) -> None:
+    """One row of test images per method: true keypoints green, predicted ones red."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "the prediction picture needs matplotlib: pip install deepkern[models]"
+        ) from error
+    images = torch.tensor(images)
+    truth = torch.tensor(results[task]["preview_truth"])
+    visible = torch.tensor(results[task]["preview_visible"]) > 0
+    methods = settings.methods
+    figure = Figure(figsize=(1.6 * max(1, len(images)), 1.7 * len(methods)))
+    FigureCanvasAgg(figure)
+    for row, method in enumerate(methods):
+        predicted = torch.tensor(results[task][method]["preview"])
+        for col in range(len(images)):
+            axes = figure.add_subplot(len(methods), len(images), row * len(images) + col + 1)
+            axes.imshow(images[col], cmap="gray", vmin=0.0, vmax=1.0)
+            shown = visible[col]
+            axes.scatter(truth[col, shown, 0], truth[col, shown, 1], s=6, c="lime")
+            axes.scatter(predicted[col, shown, 0], predicted[col, shown, 1], s=6, c="red")
+            axes.set_xticks([])
+            axes.set_yticks([])
+            if col == 0:
+                axes.set_ylabel(_LABELS[method])
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 _LABELS = {"l1": "L1", "l2": "L2", "heatmap": "heatmap", "rle": "RLE"}
@@ -1065,6 +1108,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         results = _run_all(settings, progress)
         if rank != 0:
             return 0
+        # The preview images go into the pictures, not into the JSON file.
+        images = {task: results[task].pop("preview_images") for task in settings.tasks}
         print(_table(settings, results))
         print(
             "PCK@a: share of visible keypoints within a x figure size; AP, AR: COCO-style over "
@@ -1086,6 +1131,9 @@ def run_reproduce(args: argparse.Namespace) -> int:
             }
             with open(os.path.join(args.out, "rle.json"), "w") as file:
                 json.dump(report, file, indent=2)
+            for task in settings.tasks:
+                path = os.path.join(args.out, f"{task}.png")
+                _write_preview(path, task, settings, results, images[task])
         return 0
     finally:
         if started_group:
