@@ -1023,14 +1023,15 @@ def _write_preview(path: str, task: str, settings: _Settings, results: dict, ima
         raise ImportError(
             "the prediction picture needs matplotlib: pip install deepkern[models]"
         ) from error
-    images = torch.tensor(images)
-    truth = torch.tensor(results[task]["preview_truth"])
-    visible = torch.tensor(results[task]["preview_visible"]) > 0
+    # numpy arrays: matplotlib reads them without conversion warnings.
+    images = torch.tensor(images).numpy()
+    truth = torch.tensor(results[task]["preview_truth"]).numpy()
+    visible = torch.tensor(results[task]["preview_visible"]).numpy() > 0
     methods = settings.methods
     figure = Figure(figsize=(1.6 * max(1, len(images)), 1.7 * len(methods)))
     FigureCanvasAgg(figure)
     for row, method in enumerate(methods):
-        predicted = torch.tensor(results[task][method]["preview"])
+        predicted = torch.tensor(results[task][method]["preview"]).numpy()
         for col in range(len(images)):
             axes = figure.add_subplot(len(methods), len(images), row * len(images) + col + 1)
             axes.imshow(images[col], cmap="gray", vmin=0.0, vmax=1.0)
