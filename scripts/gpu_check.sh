@@ -27,12 +27,16 @@ DEEPKERN_CUDA=ON TORCH_CUDA_ARCH_LIST="$arch" "$python" -m pip install --no-buil
   > "$out/build_info.json"
 
 # Tests import the installed package, not the source tree.
-"$python" -m pytest tests/ops tests/nn -q -x -p no:cacheprovider --junitxml="$out/tests.xml" \
+"$python" -m pytest tests/ops tests/nn -q -p no:cacheprovider --junitxml="$out/tests.xml" \
   > "$out/tests.log" 2>&1
 echo "tests rc=$?" >> "$out/tests.log"
 
-"$python" -m deepkern.cli bench momentum --device cuda --json "$out/bench_momentum.json" \
-  > "$out/bench_momentum.txt" 2>&1
-echo "bench rc=$?" >> "$out/bench_momentum.txt"
+# Every kernel family's benchmark on the device, one JSON and one table each.
+families="$(cd /tmp && "$python" -c "from deepkern.bench import FAMILIES; print(*FAMILIES)")"
+for family in $families; do
+  "$python" -m deepkern.cli bench "$family" --device cuda --json "$out/bench_$family.json" \
+    > "$out/bench_$family.txt" 2>&1
+  echo "bench rc=$?" >> "$out/bench_$family.txt"
+done
 tail -3 "$out/tests.log"
-cat "$out/bench_momentum.txt" | tail -40
+for family in $families; do tail -30 "$out/bench_$family.txt"; done
