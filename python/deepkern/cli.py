@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import kolmogorov, momentum_resnet, scaling
+    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, scaling
 
     demo = commands.add_parser(
         "demo",
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("momentum", momentum_resnet, "Momentum ResNets (Sander et al. 2021) against ResNets"),
         ("kolmogorov", kolmogorov, "the deep Kolmogorov method (Beck et al.)"),
         ("scaling", scaling, "depth scaling of trained ResNet weights (Cohen et al. 2021)"),
+        ("ptrnet", ptrnet, "Pointer Networks on hulls, Delaunay and TSP (Vinyals et al. 2015)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
