@@ -283,17 +283,34 @@ class PointerNetwork(nn.Module):
         """
         inputs, keys, state = self._encode(points)
         batch, n = points.shape[0], points.shape[1]
+        if targets.dim() != 2 or targets.shape[0] != batch or targets.dtype != torch.long:
+            raise ValueError(
+                f"targets must be a LongTensor [{batch}, T], got {targets.dtype} "
+                f"{tuple(targets.shape)}"
+            )
+        if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) <= n:
+            raise ValueError(f"targets must be pointer positions in 0..{n}")
         constraints = Constraints(self.task, batch, n, points.device)
         rows = torch.arange(batch, device=points.device)
         step_input = self.start_input.expand(batch, -1)
         total = torch.zeros(batch, dtype=keys.dtype, device=keys.device)
+        forbidden = torch.zeros(batch, dtype=torch.bool, device=keys.device)
         for t in range(targets.shape[1]):
             state = self.decoder(step_input, state)
-            log_p = self._pointer(keys, state[0], constraints.allowed())
+            allowed = constraints.allowed()
+            log_p = self._pointer(keys, state[0], allowed)
             choice = targets[:, t]
+            forbidden |= ~allowed[rows, choice]
             total = total + log_p[rows, choice]
             constraints.update(choice)
             step_input = inputs[rows, choice]
+        # One check at the end: a host synchronisation per sequence, not per step.
+        if bool(forbidden.any()):
+            rows_bad = torch.nonzero(forbidden).flatten().tolist()[:5]
+            raise ValueError(
+                f"targets of rows {rows_bad} are not valid canonical {self.task} outputs "
+                "(see encode_targets)"
+            )
         return total
 
     @torch.no_grad()
