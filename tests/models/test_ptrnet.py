@@ -62,6 +62,13 @@ def test_shapes_and_teacher_forced_likelihood():
     torch.testing.assert_close(model(data.points.float(), sequences), greedy_ll)
 
 
+def test_data_is_seeded():
+    a, b = P.make_data("tsp", 4, 6, seed=1), P.make_data("tsp", 4, 6, seed=1)
+    assert torch.equal(a.points, b.points) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.points, P.make_data("tsp", 4, 6, seed=2).points)
+    assert torch.equal(a.optimal_lengths, g.held_karp(a.points)[0])
+
+
 def test_targets_round_trip_through_the_encoding():
     for task in P.TASKS:
         data = P.make_data(task, 5, 7, seed=2)
@@ -189,6 +196,10 @@ def test_a_small_model_learns_optimal_tours_of_a_small_set():
     tour, length = P.solve_tsp(data.points[0], model, beam=2)
     assert tour == data.labels[0]
     assert length == pytest.approx(float(data.optimal_lengths[0]))
+    # Coordinates in other units give the same tour and a length in those units.
+    tour, length = P.solve_tsp(100 * data.points[0] + 7, model, beam=2)
+    assert tour == data.labels[0]
+    assert length == pytest.approx(100 * float(data.optimal_lengths[0]))
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):

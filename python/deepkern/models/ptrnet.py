@@ -578,9 +578,17 @@ def evaluate(model: PointerNetwork, data: GeometryData, beam: int = 1, batch_siz
     return metrics
 
 
-def solve_tsp(points, model: PointerNetwork, beam: int = 1) -> tuple[list[int], float]:
-    """A tour of ``points`` (Tensor[n, 2], n >= 3, coordinates scaled like the training data)
-    by a TSP-trained Pointer Network.
+def solve_tsp(
+    points, model: PointerNetwork, beam: int = 1, rescale: bool = True
+) -> tuple[list[int], float]:
+    """A tour of ``points`` by a TSP-trained Pointer Network.
+
+    Args:
+        points (Tensor[n, 2] or array): n >= 3 cities in any units.
+        model: a :class:`PointerNetwork` for "tsp".
+        beam: beam width (1 is greedy).
+        rescale: first map the points into the unit square (shift, then one common scale, so
+            the tour's shape is kept), where the model was trained.
 
     Returns:
         (tour in canonical form, its length in the points' own units).
@@ -590,10 +598,16 @@ def solve_tsp(points, model: PointerNetwork, beam: int = 1) -> tuple[list[int], 
     points = torch.as_tensor(points, dtype=torch.float64)
     if points.dim() != 2 or points.shape[1] != 2 or points.shape[0] < 3:
         raise ValueError(f"points must have shape [n >= 3, 2], got {tuple(points.shape)}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("points must be finite")
+    scaled = points
+    if rescale:
+        shifted = points - points.min(dim=0).values
+        scaled = shifted / shifted.max().clamp_min(torch.finfo(torch.float64).tiny)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sequences, _ = decode(model, points[None].to(device), beam)
+    sequences, _ = decode(model, scaled[None].to(device), beam)
     model.train(was_training)
     tour = geometry.canonical_tour(outputs_from_sequences("tsp", sequences.cpu())[0])
     return tour, float(geometry.tour_length(points, tour))
