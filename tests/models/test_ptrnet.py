@@ -370,3 +370,17 @@ def test_ddp_gloo_two_processes(tmp_path):
         assert torch.equal(p0, results[1]["params"][name]), name
         changed += not torch.equal(p0, initial[name].detach())
     assert changed > 0
+
+
+def test_reproduce_full_size_takes_overrides(tmp_path, capsys):
+    # The paper's settings (SGD at 1.0, near-optimal TSP20 labels from LKH or local search),
+    # shrunk by the overrides.
+    argv = ["--full", "--tasks", "tsp:20", "--steps", "2", "--train-size", "6"]
+    argv += ["--test-size", "3", "--hidden", "8", "--batch-size", "2", "--no-progress"]
+    argv += ["--out", str(tmp_path / "full.json")]
+    assert P.run_reproduce(_parse(argv)) == 0
+    assert "3.880" in capsys.readouterr().out
+    row = json.loads((tmp_path / "full.json").read_text())["rows"][0]
+    assert (row["n"], row["paper_n"], row["steps"], row["batch_size"]) == (20, 20, 2, 2)
+    evaluation = row["evaluation"]
+    assert evaluation["beam"] == 2 and evaluation["tour_length"] >= evaluation["optimal_length"]
