@@ -98,9 +98,7 @@ class VRPBatch:
 
     def slice(self, start: int, stop: int) -> VRPBatch:
         """Instances ``start:stop``."""
-        return VRPBatch(
-            self.locs[start:stop], self.demands[start:stop], self.capacity[start:stop]
-        )
+        return VRPBatch(self.locs[start:stop], self.demands[start:stop], self.capacity[start:stop])
 
     def to(self, device: str | torch.device) -> VRPBatch:
         return VRPBatch(self.locs.to(device), self.demands.to(device), self.capacity.to(device))
@@ -292,19 +290,19 @@ def check_solution(
     for r, route in enumerate(routes):
         if len(route) == 0:
             raise InfeasibleSolutionError(f"route {r + 1} is empty")
-        amounts = demands[list(route)] if deliveries is None else None
-        if deliveries is not None:
-            if len(deliveries[r]) != len(route):
-                raise InfeasibleSolutionError(
-                    f"route {r + 1} has {len(route)} visits but {len(deliveries[r])} amounts"
-                )
-            amounts = np.asarray(deliveries[r], dtype=np.float64)
         for node in route:
             if not 1 <= int(node) <= n:
                 raise InfeasibleSolutionError(
                     f"route {r + 1} visits node {node}, which is not a customer (1..{n}); "
                     "a depot visit ends a route"
                 )
+        amounts = demands[[int(node) for node in route]]
+        if deliveries is not None:
+            if len(deliveries[r]) != len(route):
+                raise InfeasibleSolutionError(
+                    f"route {r + 1} has {len(route)} visits but {len(deliveries[r])} amounts"
+                )
+            amounts = np.asarray(deliveries[r], dtype=np.float64)
         if deliveries is not None:
             if len(set(int(node) for node in route)) != len(route):
                 raise InfeasibleSolutionError(f"route {r + 1} visits a customer twice")
@@ -325,14 +323,13 @@ def check_solution(
                 f"customer {int(twice[0]) + 1} is visited {int(visits[twice[0] + 1])} times"
             )
     missing = np.flatnonzero(np.abs(served[1:] - demands[1:]) > 1e-6)
-    # A customer with zero demand needs no visit; every other one must get exactly its demand.
     for index in missing:
         customer = int(index) + 1
         raise InfeasibleSolutionError(
-            f"customer {customer} receives {served[customer]:g} of its demand "
-            f"{demands[customer]:g}"
+            f"customer {customer} receives {served[customer]:g} of its demand {demands[customer]:g}"
         )
-    unvisited = np.flatnonzero((visits[1:] == 0) & (demands[1:] >= 0))
+    # Without split delivery every customer is visited, those without demand (a TSP) too.
+    unvisited = np.flatnonzero(visits[1:] == 0)
     if deliveries is None and len(unvisited):
         raise InfeasibleSolutionError(f"customer {int(unvisited[0]) + 1} is never visited")
 
@@ -629,9 +626,7 @@ def read_solution(path: str | os.PathLike) -> KnownSolution:
     return KnownSolution(routes, stated, path)
 
 
-def write_solution(
-    path: str | os.PathLike, routes: Sequence[Sequence[int]], cost: float
-) -> None:
+def write_solution(path: str | os.PathLike, routes: Sequence[Sequence[int]], cost: float) -> None:
     """Write routes in the CVRPLIB ``.sol`` format (``Route #k: ...`` lines, then ``Cost``).
 
     Customer numbers are node indices (the depot, node 0, is not listed). A cost that is a
@@ -639,8 +634,10 @@ def write_solution(
     its destination and renamed into place.
     """
     path = os.fspath(path)
-    lines = [f"Route #{k}: {' '.join(str(int(c)) for c in route)}" for k, route in
-             enumerate((r for r in routes if len(r)), start=1)]
+    lines = [
+        f"Route #{k}: {' '.join(str(int(c)) for c in route)}"
+        for k, route in enumerate((r for r in routes if len(r)), start=1)
+    ]
     text = f"{cost:.0f}" if float(cost).is_integer() else f"{cost:.6f}"
     lines.append(f"Cost {text}")
     partial = path + ".partial"

@@ -207,8 +207,10 @@ class NazariPolicy(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.args = {"hidden": hidden, "cell": cell, "dropout": dropout}
         self.hidden, self.cell_kind = hidden, cell
-        self.static_embed = nn.Conv1d(2, hidden, 1)
-        self.dynamic_embed = nn.Conv1d(2, hidden, 1)
+        # A width-one 1-D convolution over the nodes is a linear map shared by all nodes; it
+        # is computed as one.
+        self.static_embed = nn.Linear(2, hidden)
+        self.dynamic_embed = nn.Linear(2, hidden)
         self.cell = nn.LSTMCell(hidden, hidden) if cell == "lstm" else nn.GRUCell(hidden, hidden)
         self.dropout = nn.Dropout(dropout)
         self.attn_nodes = nn.Linear(2 * hidden, hidden, bias=False)
@@ -220,7 +222,7 @@ class NazariPolicy(nn.Module):
 
     def encode(self, env: VRPEnv) -> dict:
         """What stays fixed over the decoding: static embeddings, the first recurrent state."""
-        static = self.static_embed(env.locs.transpose(1, 2)).transpose(1, 2)
+        static = self.static_embed(env.locs)
         zeros = static.new_zeros(env.batch_size, self.hidden)
         state = {"static": static, "h": zeros}
         if self.cell_kind == "lstm":
@@ -231,8 +233,8 @@ class NazariPolicy(nn.Module):
         """Log-probabilities (Tensor[B, N + 1]) of the next node, and the next state."""
         static = state["static"]
         demand, load = env.features()
-        dynamic_in = torch.stack([demand, load[:, None].expand_as(demand)], dim=1)
-        nodes = torch.cat([static, self.dynamic_embed(dynamic_in).transpose(1, 2)], dim=-1)
+        dynamic_in = torch.stack([demand, load[:, None].expand_as(demand)], dim=-1)
+        nodes = torch.cat([static, self.dynamic_embed(dynamic_in)], dim=-1)
         last = static.gather(1, env.current[:, None, None].expand(-1, 1, self.hidden))[:, 0]
 
         if self.cell_kind == "lstm":
@@ -343,14 +345,15 @@ class AttentionPolicy(nn.Module):
 class Critic(nn.Module):
     """The learned baseline of Nazari et al.: the expected tour length of an instance.
 
-    Node features (x, y, demand / capacity) are embedded by a width-one convolution, pooled
+    Node features (x, y, demand / capacity) are embedded by a width-one convolution (a linear
+    map shared by the nodes), pooled
     by an attention whose query is their mean, and read out by a two-layer MLP.
     NOTE: the paper's critic runs several attention glimpses; one glimpse is used here.
     """
 
     def __init__(self, hidden: int = 128):
         super().__init__()
-        self.embed = nn.Conv1d(3, hidden, 1)
+        self.embed = nn.Linear(3, hidden)
         self.score = nn.Linear(2 * hidden, 1)
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
@@ -358,7 +361,7 @@ class Critic(nn.Module):
         """Tensor[B]: the predicted tour length of every instance."""
         ratio = batch.demands.float() / batch.capacity.float()[:, None]
         features = torch.cat([batch.locs.float(), ratio[:, :, None]], dim=-1)
-        x = self.embed(features.transpose(1, 2)).transpose(1, 2)
+        x = self.embed(features)
         mean = x.mean(1, keepdim=True).expand_as(x)
         weights = torch.softmax(self.score(torch.cat([x, mean], dim=-1)), dim=1)
         return self.head((weights * x).sum(1))[:, 0]
@@ -692,11 +695,12 @@ class VRPTrainConfig:
             raise ValueError(f"shared_samples must be at least 2, got {self.shared_samples}")
         if self.capacity is None and self.num_customers not in NAZARI_CAPACITY:
             raise ValueError(
-                f"capacity: no published capacity for num_customers={self.num_customers}; "
-                "give one"
+                f"capacity: no published capacity for num_customers={self.num_customers}; give one"
             )
         if self.capacity is not None and self.capacity < 9:
-            raise ValueError(f"capacity must be at least 9 (the largest demand), got {self.capacity}")
+            raise ValueError(
+                f"capacity must be at least 9 (the largest demand), got {self.capacity}"
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if not self.max_grad_norm > 0:
@@ -811,7 +815,9 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
 
     started = time.perf_counter()
     remaining = max(0, config.epochs - start_epoch) * config.steps_per_epoch
-    bar = progress_bar(remaining, f"vrp{config.num_customers} {config.model}", config.progress and rank == 0)
+    bar = progress_bar(
+        remaining, f"vrp{config.num_customers} {config.model}", config.progress and rank == 0
+    )
     try:
         for epoch in range(start_epoch, config.epochs):
             record = _train_epoch(learner, optimizer, params, baseline_policy, config, epoch, bar)
@@ -837,8 +843,12 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
             )
             if config.checkpoint:
                 if rank == 0:
-                    save_atomic(_checkpoint_state(policy, critic, baseline_policy, optimizer,
-                                                  config, epoch + 1, history), config.checkpoint)
+                    save_atomic(
+                        _checkpoint_state(
+                            policy, critic, baseline_policy, optimizer, config, epoch + 1, history
+                        ),
+                        config.checkpoint,
+                    )
                 if world > 1:
                     dist.barrier()
     finally:
@@ -990,12 +1000,31 @@ class _Settings:
 
 
 _QUICK = _Settings(
-    sizes=(10,), hidden=16, layers=1, heads=2, epochs=1, steps_per_epoch=2, batch_size=16,
-    test_size=4, samples=2, width=2, solver_seconds=0.02,
+    sizes=(10,),
+    hidden=16,
+    layers=1,
+    heads=2,
+    epochs=1,
+    steps_per_epoch=2,
+    batch_size=16,
+    test_size=4,
+    samples=2,
+    width=2,
+    solver_seconds=0.02,
 )
 _FULL = _Settings(
-    sizes=(10, 20, 50, 100), hidden=128, layers=3, heads=8, epochs=100, steps_per_epoch=1000,
-    batch_size=256, lr=1e-4, test_size=1000, samples=1280, width=10, solver_seconds=2.0,
+    sizes=(10, 20, 50, 100),
+    hidden=128,
+    layers=3,
+    heads=8,
+    epochs=100,
+    steps_per_epoch=1000,
+    batch_size=256,
+    lr=1e-4,
+    test_size=1000,
+    samples=1280,
+    width=10,
+    solver_seconds=2.0,
     device="cuda",
 )
 
@@ -1106,16 +1135,26 @@ def run_reproduce(args: argparse.Namespace) -> int:
             policy = build_policy(model, **config.policy_args())
             metrics = train(policy, config)
             results["rows"].append(
-                {"size": size, "model": model, "train_seconds": metrics["seconds"],
-                 "instances_per_second": metrics["instances_per_second"]}
+                {
+                    "size": size,
+                    "model": model,
+                    "train_seconds": metrics["seconds"],
+                    "instances_per_second": metrics["instances_per_second"],
+                }
             )
             for decode in ("greedy", "sample", "beam"):
                 solutions = solve(
-                    policy, test, decode, samples=settings.samples, width=settings.width,
+                    policy,
+                    test,
+                    decode,
+                    samples=settings.samples,
+                    width=settings.width,
                     seed=settings.seed,
                 )
                 cells[(f"{model}:{decode}", size)] = float(solutions.cost.mean())
-        cells[("clarke_wright", size)] = float(np.mean(_baseline_costs(test, "clarke_wright", 0, 0)))
+        cells[("clarke_wright", size)] = float(
+            np.mean(_baseline_costs(test, "clarke_wright", 0, 0))
+        )
         for solver, module in (("ortools", "ortools"), ("pyvrp", "pyvrp")):
             if _available(module):
                 costs = _baseline_costs(test, solver, settings.solver_seconds, settings.seed)
@@ -1183,8 +1222,10 @@ def _format_table(settings: _Settings, rows: list[dict]) -> str:
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
-                  enumerate(zip(line, widths)))
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths))
+        )
         for line in lines
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -1209,7 +1250,9 @@ def add_route_arguments(parser: argparse.ArgumentParser) -> None:
         "without one the instance is solved by Clarke-Wright savings",
     )
     parser.add_argument(
-        "--decode", choices=("greedy", "sample", "beam"), default="greedy",
+        "--decode",
+        choices=("greedy", "sample", "beam"),
+        default="greedy",
         help="how the policy decodes (default greedy)",
     )
     parser.add_argument("--samples", type=int, default=64, help="samples for --decode sample")
@@ -1284,15 +1327,19 @@ def run_route(args: argparse.Namespace) -> int:
 
     out = args.out or f"{instance.name}.deepkern.sol"
     write_solution(out, routes, cost)
-    print(f"{instance.name}: {instance.kind.upper()}, {instance.num_customers} customers, "
-          f"{instance.edge_weight_type} distances")
+    print(
+        f"{instance.name}: {instance.kind.upper()}, {instance.num_customers} customers, "
+        f"{instance.edge_weight_type} distances"
+    )
     print(f"{method}: cost {cost:g} ({len(routes)} routes, {seconds:.2f} s)")
     known = find_known_solution(args.instance)
     if known is not None:
         instance.check(known.routes)
         best = instance.cost(known.routes)
-        print(f"known optimum {best:g} ({os.path.basename(known.path)}): gap "
-              f"{100 * (cost - best) / best:.2f} %")
+        print(
+            f"known optimum {best:g} ({os.path.basename(known.path)}): gap "
+            f"{100 * (cost - best) / best:.2f} %"
+        )
     for note in notes:
         print(f"note: {note}")
     print(f"wrote {out}")
