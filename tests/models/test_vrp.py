@@ -22,8 +22,7 @@ POLICIES = {
 
 
 def _policy(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    return vrp.build_policy(name.split("_")[0], **POLICIES[name])
+    return vrp.build_policy(name.split("_")[0], seed=seed, **POLICIES[name])
 
 
 def _batch(values, capacity):
@@ -337,6 +336,15 @@ def test_bad_config_names_the_field(field, value):
         _config(**{field: value, **extra})
 
 
+def test_seeded_policies_leave_the_global_generator_alone():
+    state = torch.random.get_rng_state()
+    a, b = _policy("attention", seed=3), _policy("attention", seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    assert not torch.equal(_policy("nazari", seed=4).attn_v, _policy("nazari", seed=5).attn_v)
+
+
 def test_bad_config_combinations():
     with pytest.raises(ValueError, match="multiple of heads"):
         _config(model="attention", hidden=10, heads=4)
@@ -400,8 +408,7 @@ def test_reproduce_quick(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("policy") / "policy.pt")
-    torch.manual_seed(0)
-    policy = vrp.build_policy("attention", hidden=16, layers=1, heads=2)
+    policy = vrp.build_policy("attention", seed=0, hidden=16, layers=1, heads=2)
     vrp.train(policy, _config(model="attention", baseline="shared", epochs=1, checkpoint=path))
     return path
 

@@ -18,7 +18,6 @@ import importlib.util
 import time
 
 import numpy as np
-import torch
 
 from deepkern.bench import common
 
@@ -67,11 +66,12 @@ def collect(args: argparse.Namespace, progress) -> common.Report:
         policy, meta = vrp.load_policy(args.checkpoint, device)
         model = meta["model"]
     else:
-        torch.manual_seed(0)
-        small = {"hidden": 16, "layers": 1, "heads": 2} if args.quick else {}
         model = args.model
-        args_for = {"nazari": {"hidden": small.get("hidden", 128)}}.get(model, small)
-        policy = vrp.build_policy(model, **args_for).to(device).eval()
+        sizes_of = {"hidden": 16, "layers": 1, "heads": 2} if args.quick else {}
+        if model == "nazari":
+            sizes_of.pop("layers", None)
+            sizes_of.pop("heads", None)
+        policy = vrp.build_policy(model, seed=0, **sizes_of).to(device).eval()
     min_run_time = args.min_run_time or (0.02 if args.quick else 1.0)
 
     rows, notes = [], []
@@ -138,7 +138,7 @@ def collect(args: argparse.Namespace, progress) -> common.Report:
             device=str(device),
             progress=False,
         )
-        trained = vrp.build_policy(kind, **config.policy_args())
+        trained = vrp.build_policy(kind, seed=0, **config.policy_args())
         metrics = vrp.train(trained, config)
         summary.append(
             {
