@@ -242,7 +242,7 @@ def _config(**kwargs):
 
 
 def test_training_lowers_the_mean_tour_length():
-    policy = vrp.build_policy("nazari", hidden=32)
+    policy = vrp.build_policy("nazari", seed=0, hidden=32)
     config = _config(
         hidden=32,
         baseline="shared",
@@ -461,3 +461,25 @@ def test_route_errors(tmp_path, capsys):
     bad.write_text("NAME : bad\nTYPE : CVRP\nDIMENSION : two\n")
     assert cli.main(["route", str(bad)]) == 2
     assert "line 3: DIMENSION must be an integer" in capsys.readouterr().err
+
+
+def test_bench_quick_writes_every_method(tmp_path):
+    from deepkern import cli
+
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "vrp", "--quick", "--json", str(path)]) == 0
+    payload = json.loads(path.read_text())
+    methods = {row["method"].split(" (")[0] for row in payload["rows"]}
+    expected = {"attention greedy", "attention sample 2", "attention beam 2", "clarke-wright"}
+    expected |= {name for name in ("or-tools", "pyvrp") if _installed(name.replace("-", ""))}
+    assert methods == expected
+    for row in payload["rows"]:
+        assert row["time_s"] > 0 and row["length"] > 0 and row["gap"] >= 0
+    assert {row["model"] for row in payload["summary"]} == {"nazari", "attention"}
+    assert all(row["instances_per_s"] > 0 for row in payload["summary"])
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -275,6 +275,7 @@ class AttentionPolicy(nn.Module):
     """
 
     kind = "attention"
+    static_state = True  # decode_step never changes the encoder's state
 
     def __init__(self, hidden: int = 128, layers: int = 3, heads: int = 8, clip: float = 10.0):
         super().__init__()
@@ -531,7 +532,10 @@ def beam_search(policy: nn.Module, batch: VRPBatch, width: int, split: bool = Fa
         action = torch.where(dead, action[:, :1], action)
         rows = (parent + torch.arange(b, device=device)[:, None] * width).view(-1)
         env = env.select(rows)
-        state = {k: v.index_select(0, rows) for k, v in state.items()}
+        # Beams only ever take parents of their own instance, so a state that holds nothing
+        # but per-instance encodings (the attention model's) needs no reordering.
+        if not getattr(policy, "static_state", False):
+            state = {k: v.index_select(0, rows) for k, v in state.items()}
         step_delivered = env.step(action.view(-1))
         history = torch.cat([history.index_select(0, rows), action.view(-1, 1)], dim=1)
         delivered = torch.cat([delivered.index_select(0, rows), step_delivered[:, None]], 1)
@@ -790,8 +794,8 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
     Returns:
         dict with ``val_cost`` (mean greedy tour length on the validation set after the last
         epoch), ``val_cost_start`` (before training or resuming), ``train_cost`` (the last
-        epoch's mean sampled length), ``instances_per_second``, ``start_epoch``,
-        ``seconds`` and ``history`` (one dict per epoch).
+        epoch's mean sampled length), ``instances_per_second`` (training steps of this call),
+        ``start_epoch``, ``seconds`` and ``history`` (one dict per epoch).
 
     Raises:
         ValueError: a loss that is not finite (lower the learning rate).
@@ -873,11 +877,15 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
         bar.close()
 
     last = history[-1] if history else {}
+    # Throughput over this call's epochs (validation excluded), steadier than one epoch's.
+    this_call = history[start_epoch:]
+    seconds = sum(h["seconds"] for h in this_call)
+    instances = sum(h["instances_per_second"] * h["seconds"] for h in this_call)
     return {
         "val_cost": last.get("val_cost", val_start),
         "val_cost_start": val_start,
         "train_cost": last.get("train_cost"),
-        "instances_per_second": last.get("instances_per_second"),
+        "instances_per_second": instances / seconds if seconds > 0 else None,
         "start_epoch": start_epoch,
         "seconds": time.perf_counter() - started,
         "history": history,
