@@ -151,6 +151,7 @@ def collect(args: argparse.Namespace, progress) -> common.Report:
     if not args.checkpoint:
         notes.append("no --checkpoint: the policy is untrained; its lengths show time only")
     notes.append("gap: length above the best method of the size; time ratio: to greedy")
+    notes.append("OR-Tools and PyVRP get the policy's sampling time per instance (at least 10 ms)")
 
     columns = [
         common.Column("case", "case", align="<"),
