@@ -484,7 +484,7 @@ def read_instance(path: str | os.PathLike) -> RoutingInstance:
     scanned = _scan(path, lines)
     header = scanned["header"]
 
-    kind = header.get("TYPE", ("", 0))[0].split()[0].upper() if "TYPE" in header else ""
+    kind = (header.get("TYPE", ("", 0))[0].split() or [""])[0].upper()
     if kind not in ("TSP", "CVRP"):
         raise ValueError(f"{path}: TYPE must be TSP or CVRP, got {kind or 'none'}")
     weight_type = header.get("EDGE_WEIGHT_TYPE", ("", 0))[0].upper()

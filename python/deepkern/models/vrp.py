@@ -1154,9 +1154,36 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _maybe_init_distributed(settings: _Settings) -> bool:
+    """Join the process group that torchrun describes in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if settings.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        settings.device = f"cuda:{local}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
 def run_reproduce(args: argparse.Namespace) -> int:
-    """``deepkern reproduce vrp``: train both policies per size, compare with the baselines."""
+    """``deepkern reproduce vrp``: train both policies per size, compare with the baselines.
+
+    Under torchrun every process trains (DDP); the first one evaluates and prints.
+    """
     settings = _resolve(args)
+    started_group = _maybe_init_distributed(settings)
+    try:
+        return _reproduce(args, settings)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
+    rank, _ = _distributed()
     progress = not getattr(args, "no_progress", False)
     out = getattr(args, "out", None)
     results: dict = {"settings": dataclasses.asdict(settings), "rows": []}
@@ -1195,6 +1222,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
                     "instances_per_second": metrics["instances_per_second"],
                 }
             )
+            if rank != 0:
+                continue
             for decode in ("greedy", "sample", "beam"):
                 solutions = solve(
                     policy,
@@ -1205,6 +1234,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
                     seed=settings.seed,
                 )
                 cells[(f"{model}:{decode}", size)] = float(solutions.cost.mean())
+        if rank != 0:
+            continue
         cells[("clarke_wright", size)] = float(
             np.mean(_baseline_costs(test, "clarke_wright", 0, 0))
         )
@@ -1213,6 +1244,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
                 costs = _baseline_costs(test, solver, settings.solver_seconds, settings.seed)
                 cells[(solver, size)] = float(np.mean(costs))
 
+    if rank != 0:
+        return 0
     rows = _table_rows(settings, cells)
     results["table"] = rows
     results["environment"] = environment(settings.device)
