@@ -33,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "NAZARI_CAPACITY",
     "InfeasibleSolutionError",
+    "KnownSolution",
     "RoutingInstance",
     "VRPBatch",
     "check_solution",
@@ -497,9 +498,8 @@ def read_instance(path: str | os.PathLike) -> RoutingInstance:
     if "NODE_COORD_SECTION" not in scanned["sections"]:
         raise ValueError(f"{path}: no NODE_COORD_SECTION")
     if kind == "CVRP":
-        for need in ("CAPACITY",):
-            if need not in header:
-                raise ValueError(f"{path}: a CVRP file needs a {need} line")
+        if "CAPACITY" not in header:
+            raise ValueError(f"{path}: a CVRP file needs a CAPACITY line")
         if "DEMAND_SECTION" not in scanned["sections"]:
             raise ValueError(f"{path}: a CVRP file needs a DEMAND_SECTION")
 
