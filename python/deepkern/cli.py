@@ -38,6 +38,12 @@ def _kolmogorov(args: argparse.Namespace) -> int:
     return kolmogorov.run_kolmogorov(args)
 
 
+def _route(args: argparse.Namespace) -> int:
+    from deepkern.models import vrp
+
+    return vrp.run_route(args)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     return args.reproduce(args)
 
@@ -53,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, rfgan, rle, scaling
+    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, rfgan, rle, scaling, vrp
 
     demo = commands.add_parser(
         "demo",
@@ -72,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     kolmogorov.add_kolmogorov_arguments(solver)
     solver.set_defaults(run=_kolmogorov)
 
+    route = commands.add_parser("route", help="solve a TSPLIB or CVRPLIB instance")
+    vrp.add_route_arguments(route)
+    route.set_defaults(run=_route)
+
     reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
     reproduce_models = reproduce.add_subparsers(dest="model", required=True)
     papers = [
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rfgan", rfgan, "GANs with representative features (Bang and Shim 2018) against DCGAN"),
         ("rle", rle, "residual log-likelihood estimation for keypoints (Li et al. 2021)"),
         ("ptrnet", ptrnet, "Pointer Networks on hulls, Delaunay and TSP (Vinyals et al. 2015)"),
+        ("vrp", vrp, "reinforcement learning for the CVRP (Nazari et al. 2018)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
