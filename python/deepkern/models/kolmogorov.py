@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepkern.models.training import environment, progress_bar, save_atomic
+from deepkern.models.training import environment, progress_bar, rank_and_world, save_atomic
 from deepkern.ops import sde
 
 __all__ = [
@@ -1216,12 +1216,6 @@ def _learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * config.lr_decay**passed
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _batch(problem: KolmogorovProblem, config: TrainConfig, rank: int, step: int):
     """Step ``step``'s inputs Tensor[B, d] and targets Tensor[B] on process ``rank``."""
     generator = torch.Generator().manual_seed(_derived_seed(config.seed, 1, rank, step))
@@ -1299,7 +1293,7 @@ def train(model: nn.Module, config: TrainConfig, problem: KolmogorovProblem | No
         raise ValueError(f"the model takes inputs of dimension {model_dim}, not {config.dim}")
     device = torch.device(config.device)
     model.to(device=device, dtype=config.torch_dtype)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
 
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     start_step, history = 0, []

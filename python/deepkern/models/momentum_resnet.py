@@ -48,7 +48,14 @@ from deepkern.models.resnet import (
     resnet101,
     small_resnet,
 )
-from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    SilentBar,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 from deepkern.nn import MomentumNet
 
 __all__ = [
@@ -437,12 +444,6 @@ def evaluate(
     return {"loss": float(loss) / count, "accuracy": int(correct) / count}
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _load_checkpoint(path: str, model, optimizer, config, device) -> tuple[int, list]:
     state = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
@@ -501,7 +502,7 @@ def train(
     if test_data is not None:
         test_data = _check_data("test_data", test_data)
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     model.to(device)
     net: nn.Module = model
     if world > 1:
@@ -588,7 +589,7 @@ def _train_epoch(net, optimizer, sampler, config, *, epoch, data, bar, name) -> 
     """One pass over this process's shard; returns the epoch's training loss and accuracy."""
     x_train, y_train = data
     device = torch.device(config.device)
-    _, world = _distributed()
+    _, world = rank_and_world()
     sampler.set_epoch(epoch)
     batches = _batches(list(sampler), config.batch_size)
     steps_per_epoch = len(batches)
@@ -1113,20 +1114,6 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="also write the results as JSON to this file")
 
 
-def _maybe_init_distributed(settings: _Settings) -> bool:
-    """Join the process group that torchrun describes in the environment, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if settings.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce momentum``: the paper's figure beside ours.
 
@@ -1134,16 +1121,12 @@ def run_reproduce(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args, _REPRODUCE_QUICK, _REPRODUCE_DEFAULTS)
-    started_group = _maybe_init_distributed(settings)
-    try:
+    with process_group(settings):
         return _reproduce(args, settings)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
-    rank, _ = _distributed()
+    rank, _ = rank_and_world()
     progress = not getattr(args, "no_progress", False)
     data = _load_data(settings)
     results = _train_pair(settings, data, progress)

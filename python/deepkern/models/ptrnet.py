@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepkern.data import geometry
-from deepkern.models.training import environment, progress_bar, save_atomic
+from deepkern.models.training import environment, progress_bar, rank_and_world, save_atomic
 
 __all__ = [
     "PUBLISHED",
@@ -740,12 +740,6 @@ def _derived_seed(*parts: int) -> int:
     return state >> 1
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _batch_indices(config: TrainConfig, size: int, rank: int, step: int) -> Tensor:
     generator = torch.Generator().manual_seed(_derived_seed(config.seed, 4, rank, step))
     return torch.randint(size, (config.batch_size,), generator=generator)
@@ -813,7 +807,7 @@ def train(
         raise ValueError(f"the model is for task {model.task!r}, the settings for {config.task!r}")
     device = torch.device(config.device)
     model.to(device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     data = data or config.make_train_data()
     if data.task != config.task or data.points.shape[1] != config.n:
         raise ValueError(

@@ -59,7 +59,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepkern.models import gan_metrics
-from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    SilentBar,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 
 __all__ = [
     "Generator",
@@ -598,12 +605,6 @@ def generator_step(
     return {"loss": loss.detach(), "fake_score": torch.sigmoid(logits.detach()).mean()}
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _noise_generator(config: GANConfig, epoch: int, rank: int) -> torch.Generator:
     # One stream per seed, epoch and process: reproducible, and resumable at epoch edges.
     return torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 4099 + rank)
@@ -673,7 +674,7 @@ def train(
             f"generator makes {generator.channels}x{generator.image_size}x{generator.image_size}"
         )
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     generator.to(device).train()
     discriminator.to(device).train()
     g_net: nn.Module = generator
@@ -768,7 +769,7 @@ def _train_epoch(modules, nets, optimizers, sampler, config, *, epoch, images, b
     g_net, d_net = nets
     optimizer_g, optimizer_d = optimizers
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     sampler.set_epoch(epoch)
     noise_rng = _noise_generator(config, epoch, rank)
     bar.set_description(f"{name} epoch {epoch + 1}/{config.epochs}")
@@ -1076,25 +1077,12 @@ def run_reproduce(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args)
-    started_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if settings.device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            settings.device = f"cuda:{local}"
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-        started_group = True
-    try:
+    with process_group(settings):
         return _reproduce(args, settings)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
-    rank, _ = _distributed()
+    rank, _ = rank_and_world()
     progress = not getattr(args, "no_progress", False)
     out = getattr(args, "out", None)
     started = time.perf_counter()

@@ -54,7 +54,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepkern.data.keypoints import KeypointData
-from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    SilentBar,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 from deepkern.nn import RLELoss
 
 __all__ = [
@@ -644,12 +651,6 @@ def _learning_rate(config: TrainConfig, step: int, total: int) -> float:
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     # Training-mode BatchNorm cannot normalise a single pooled example: drop a last batch of one.
@@ -704,7 +705,7 @@ def train(
     if test_data is not None:
         _check_data("test_data", test_data, model)
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     model.to(device)
     net: nn.Module = model
     if world > 1:
@@ -786,7 +787,7 @@ def train(
 def _train_epoch(net, optimizer, sampler, config, epoch, data, bar, name) -> dict:
     """One pass over this process's shard; returns the epoch's mean training loss."""
     device = torch.device(config.device)
-    _, world = _distributed()
+    _, world = rank_and_world()
     sampler.set_epoch(epoch)
     batches = _batches(list(sampler), config.batch_size)
     total_steps = max(1, config.epochs * len(batches))
@@ -1080,20 +1081,6 @@ def _table(settings: _Settings, results: dict) -> str:
     return "\n".join(lines)
 
 
-def _maybe_init_distributed(settings: _Settings) -> bool:
-    """Join the process group that torchrun describes in the environment, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if settings.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce rle``: train every method on every task and print one table.
 
@@ -1101,9 +1088,8 @@ def run_reproduce(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args)
-    started_group = _maybe_init_distributed(settings)
-    try:
-        rank, _ = _distributed()
+    with process_group(settings):
+        rank, _ = rank_and_world()
         progress = not getattr(args, "no_progress", False)
         started = time.perf_counter()
         results = _run_all(settings, progress)
@@ -1136,6 +1122,3 @@ def run_reproduce(args: argparse.Namespace) -> int:
                 path = os.path.join(args.out, f"{task}.png")
                 _write_preview(path, task, settings, results, images[task])
         return 0
-    finally:
-        if started_group:
-            dist.destroy_process_group()

@@ -8,8 +8,16 @@ import platform
 import tempfile
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["SilentBar", "environment", "progress_bar", "save_atomic"]
+__all__ = [
+    "SilentBar",
+    "environment",
+    "process_group",
+    "progress_bar",
+    "rank_and_world",
+    "save_atomic",
+]
 
 
 def save_atomic(state: dict, path: str) -> None:
@@ -74,3 +82,35 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes; (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextlib.contextmanager
+def process_group(settings):
+    """Join, for the duration of a command, the process group that torchrun describes.
+
+    With WORLD_SIZE > 1 in the environment and no group yet, the processes meet on gloo, or on
+    nccl when ``settings.device`` is CUDA; then each process takes GPU LOCAL_RANK and
+    ``settings.device`` becomes ``cuda:LOCAL_RANK``. The group is torn down on the way out.
+    Otherwise nothing happens.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    if str(settings.device).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        settings.device = f"cuda:{local}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -47,7 +47,14 @@ from deepkern.data.routing import (
     generate_vrp,
     routes_from_sequence,
 )
-from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    SilentBar,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 
 __all__ = [
     "VRPEnv",
@@ -754,12 +761,6 @@ class _Learner(nn.Module):
         return solutions.cost, solutions.log_prob, value
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _seed_for(config: VRPTrainConfig, epoch: int, step: int, rank: int, stream: int) -> int:
     # One independent stream per (seed, epoch, step, process, purpose): a resumed run sees
     # the instances and samples the uninterrupted run would have seen.
@@ -806,7 +807,7 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
         ValueError: a loss that is not finite (lower the learning rate).
     """
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     policy.to(device)
     if config.baseline == "critic" and critic is None:
         with torch.random.fork_rng(devices=[]):
@@ -921,7 +922,7 @@ def _checkpoint_state(policy, critic, baseline_policy, optimizer, config, epoch,
 
 
 def _train_epoch(learner, optimizer, clip_groups, baseline_policy, config, epoch, bar) -> dict:
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     device = torch.device(config.device)
     learner.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # length, instances
@@ -1164,36 +1165,18 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _maybe_init_distributed(settings: _Settings) -> bool:
-    """Join the process group that torchrun describes in the environment, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if settings.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce vrp``: train both policies per size, compare with the baselines.
 
     Under torchrun every process trains (DDP); the first one evaluates and prints.
     """
     settings = _resolve(args)
-    started_group = _maybe_init_distributed(settings)
-    try:
+    with process_group(settings):
         return _reproduce(args, settings)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
-    rank, _ = _distributed()
+    rank, _ = rank_and_world()
     progress = not getattr(args, "no_progress", False)
     out = getattr(args, "out", None)
     results: dict = {"settings": dataclasses.asdict(settings), "rows": []}
