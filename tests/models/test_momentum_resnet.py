@@ -7,13 +7,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from deepkern.models import momentum_resnet as mr
 from deepkern.models import resnet as rn
 from deepkern.nn import MomentumNet
+from tests.distributed import run_two_ranks
 
 # (plain constructor, momentum constructor, blocks per stage, block type)
 ARCHITECTURES = {
@@ -291,29 +291,18 @@ def test_resume_continues_exactly(digits, tmp_path, monkeypatch):
 # Data parallel training on two CPU processes
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        generator = _generator(7)
-        x = torch.randn(64, 1, 8, 8, generator=generator)
-        y = torch.randint(0, 4, (64,), generator=generator)
-        model = mr.small_momentum_resnet(4, num_classes=4, width=4, generator=_generator())
-        metrics = mr.train(model, _tiny_config(epochs=1, batch_size=8), (x, y))
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    generator = _generator(7)
+    x = torch.randn(64, 1, 8, 8, generator=generator)
+    y = torch.randint(0, 4, (64,), generator=generator)
+    model = mr.small_momentum_resnet(4, num_classes=4, width=4, generator=_generator())
+    metrics = mr.train(model, _tiny_config(epochs=1, batch_size=8), (x, y))
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial = dict(
         mr.small_momentum_resnet(
             4, num_classes=4, width=4, generator=_generator()

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern.data import geometry as g
 from deepkern.models import ptrnet as P
+from tests.distributed import run_two_ranks
 
 
 def _model(task, hidden=16, scale=0.08, seed=0):
@@ -342,27 +342,16 @@ def test_published_figures():
 # Data parallel training on two CPU processes
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        config = _config(steps=3, batch_size=4)
-        model = config.make_model()
-        metrics = P.train(model, config)
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    config = _config(steps=3, batch_size=4)
+    model = config.make_model()
+    metrics = P.train(model, config)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     assert results[0]["metrics"]["world_size"] == 2
     initial = dict(_config().make_model().named_parameters())
     changed = 0

@@ -11,11 +11,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern.cli import main
 from deepkern.models import gan_metrics as gm
 from deepkern.models import rfgan as rf
+from tests.distributed import run_two_ranks
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -327,29 +327,18 @@ def test_bad_settings_name_the_field(digits):
 # Data parallel training on two CPU processes
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        x = _images(64, seed=7)
-        encoder = rf.Encoder(16, 1, 4, 6, generator=_generator(1))
-        generator, discriminator = _tiny_pair(encoder=encoder)
-        metrics = rf.train(generator, discriminator, _tiny_config(epochs=1, batch_size=8), x)
-        states = {"g": generator.state_dict(), "d": discriminator.state_dict()}
-        torch.save({"states": states, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    x = _images(64, seed=7)
+    encoder = rf.Encoder(16, 1, 4, 6, generator=_generator(1))
+    generator, discriminator = _tiny_pair(encoder=encoder)
+    metrics = rf.train(generator, discriminator, _tiny_config(epochs=1, batch_size=8), x)
+    states = {"g": generator.state_dict(), "d": discriminator.state_dict()}
+    return {"states": states, "metrics": metrics}
 
 
 @pytest.mark.slow
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial_g, initial_d = _tiny_pair(encoder=rf.Encoder(16, 1, 4, 6, generator=_generator(1)))
     initial = {"g": initial_g.state_dict(), "d": initial_d.state_dict()}
     for net in ("g", "d"):

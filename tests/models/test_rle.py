@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern.data.keypoints import make_stick_figures
 from deepkern.models import rle
+from tests.distributed import run_two_ranks
 
 # ---------------------------------------------------------------------------------------------
 # Metrics on hand-worked cases
@@ -207,27 +207,16 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 # Data parallel training on two CPU processes
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = rle.KeypointModel("rle", 11, 32, width=4)
-        metrics = rle.train(model, _tiny_config(epochs=1, batch_size=8), _data(32))
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "loss": metrics["train_loss"]}, f"{out_dir}/{rank}.pt")
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    model = rle.KeypointModel("rle", 11, 32, width=4)
+    metrics = rle.train(model, _tiny_config(epochs=1, batch_size=8), _data(32))
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "loss": metrics["train_loss"]}
 
 
 @pytest.mark.slow
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial = dict(rle.KeypointModel("rle", 11, 32, width=4).named_parameters())
     flow_changed = 0
     for name, p0 in results[0]["params"].items():

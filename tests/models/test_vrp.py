@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern.data import routing
 from deepkern.data.routing import InfeasibleSolutionError, VRPBatch, generate_vrp
 from deepkern.models import vrp, vrp_baselines
 from tests.data.test_routing import SHARED, needs_data
+from tests.distributed import run_two_ranks
 
 POLICIES = {
     "nazari": {"hidden": 16, "cell": "lstm"},
@@ -355,24 +355,15 @@ def test_bad_config_combinations():
         vrp.build_policy("pointer")
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        policy = _policy("nazari")
-        metrics = vrp.train(policy, _config(epochs=1, steps_per_epoch=2, batch_size=8, val_size=8))
-        params = {name: p.detach().clone() for name, p in policy.named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    policy = _policy("nazari")
+    metrics = vrp.train(policy, _config(epochs=1, steps_per_epoch=2, batch_size=8, val_size=8))
+    params = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial = dict(_policy("nazari").named_parameters())
     changed = 0
     for name, p0 in results[0]["params"].items():
