@@ -43,7 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepkern.models.training import environment, progress_bar, rank_and_world, save_atomic
+from deepkern.models.training import (
+    data_parallel,
+    environment,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 from deepkern.ops import sde
 
 __all__ = [
@@ -1305,12 +1311,7 @@ def train(model: nn.Module, config: TrainConfig, problem: KolmogorovProblem | No
         points = min(config.batch_size, _OUTPUT_INIT_POINTS)
         model.init_output(*output_statistics(problem, points, _OUTPUT_INIT_PATHS, config.seed))
 
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
 
     started = time.perf_counter()
     bar = progress_bar(

@@ -50,11 +50,14 @@ from deepkern.models.resnet import (
 )
 from deepkern.models.training import (
     SilentBar,
+    batches_of,
+    data_parallel,
     environment,
     process_group,
     progress_bar,
     rank_and_world,
     save_atomic,
+    warmup_cosine,
 )
 from deepkern.nn import MomentumNet
 
@@ -360,23 +363,6 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint path")
 
 
-def _learning_rate(config: TrainConfig, step: int, total: int) -> float:
-    warmup = int(config.warmup_fraction * total)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    # Training-mode BatchNorm cannot normalise a single example on a 1x1 map; a last batch
-    # of one is dropped (it is one example in an epoch, and reshuffled the next one).
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    return batches
-
-
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     """Random shifts (zero padding) by up to 1/8 of the size, and left-right flips."""
     n, _, h, w = x.shape
@@ -504,12 +490,7 @@ def train(
     device = torch.device(config.device)
     rank, world = rank_and_world()
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
 
     optimizer = torch.optim.SGD(
         model.parameters(),
@@ -523,7 +504,7 @@ def train(
     sampler = DistributedSampler(
         TensorDataset(x_train, y_train), num_replicas=world, rank=rank, seed=config.seed
     )
-    steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
+    steps_per_epoch = len(batches_of(list(range(len(sampler))), config.batch_size))
 
     start_epoch, history = 0, []
     if config.resume and os.path.exists(config.checkpoint):
@@ -591,7 +572,7 @@ def _train_epoch(net, optimizer, sampler, config, *, epoch, data, bar, name) -> 
     device = torch.device(config.device)
     _, world = rank_and_world()
     sampler.set_epoch(epoch)
-    batches = _batches(list(sampler), config.batch_size)
+    batches = batches_of(list(sampler), config.batch_size)
     steps_per_epoch = len(batches)
     total_steps = max(1, config.epochs * steps_per_epoch)
     augment_rng = None
@@ -606,7 +587,9 @@ def _train_epoch(net, optimizer, sampler, config, *, epoch, data, bar, name) -> 
     started = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     for i, batch in enumerate(batches):
-        lr = _learning_rate(config, epoch * steps_per_epoch + i, total_steps)
+        lr = warmup_cosine(
+            config.lr, config.warmup_fraction, epoch * steps_per_epoch + i, total_steps
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.tensor(batch)

@@ -40,7 +40,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepkern.data import geometry
-from deepkern.models.training import environment, progress_bar, rank_and_world, save_atomic
+from deepkern.models.training import (
+    data_parallel,
+    environment,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 
 __all__ = [
     "PUBLISHED",
@@ -821,12 +827,7 @@ def train(
     if config.resume and os.path.exists(config.checkpoint):
         start_step, history = _load_checkpoint(config.checkpoint, model, optimizer, config, device)
 
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
 
     started = time.perf_counter()
     bar = progress_bar(

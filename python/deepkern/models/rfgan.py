@@ -61,6 +61,8 @@ from torch import Tensor, nn
 from deepkern.models import gan_metrics
 from deepkern.models.training import (
     SilentBar,
+    batches_of,
+    data_parallel,
     environment,
     process_group,
     progress_bar,
@@ -383,15 +385,6 @@ def _check_images(images: Tensor, name: str = "images") -> Tensor:
     return images
 
 
-def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    # Batch norm in training mode cannot normalise one image on a 1x1 map; drop a last batch
-    # of one (it comes back, reshuffled, in the next epoch).
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    return batches
-
-
 def pretrain_autoencoder(
     autoencoder: Autoencoder, config: AutoencoderConfig, images: Tensor
 ) -> dict:
@@ -417,7 +410,7 @@ def pretrain_autoencoder(
     autoencoder.to(device).train()
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=config.lr)
     order_rng = torch.Generator().manual_seed(config.seed)
-    steps = len(_batches(list(range(len(images))), config.batch_size))
+    steps = len(batches_of(list(range(len(images))), config.batch_size))
     bar = progress_bar(config.epochs * steps, "autoencoder", config.progress, leave=False)
     history = []
     started = time.perf_counter()
@@ -425,7 +418,7 @@ def pretrain_autoencoder(
         for epoch in range(config.epochs):
             order = torch.randperm(len(images), generator=order_rng).tolist()
             total, count = 0.0, 0
-            for batch in _batches(order, config.batch_size):
+            for batch in batches_of(order, config.batch_size):
                 x = images[torch.tensor(batch)].to(device)
                 loss = F.mse_loss(autoencoder(x), x)
                 optimizer.zero_grad(set_to_none=True)
@@ -677,14 +670,8 @@ def train(
     rank, world = rank_and_world()
     generator.to(device).train()
     discriminator.to(device).train()
-    g_net: nn.Module = generator
-    d_net: nn.Module = discriminator
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        g_net = DistributedDataParallel(generator, device_ids=ids)
-        d_net = DistributedDataParallel(discriminator, device_ids=ids)
+    g_net = data_parallel(generator, device, world)
+    d_net = data_parallel(discriminator, device, world)
     optimizers = make_optimizers(generator, discriminator, config)
 
     from torch.utils.data import DistributedSampler, TensorDataset
@@ -692,7 +679,7 @@ def train(
     sampler = DistributedSampler(
         TensorDataset(images), num_replicas=world, rank=rank, seed=config.seed
     )
-    steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
+    steps_per_epoch = len(batches_of(list(range(len(sampler))), config.batch_size))
 
     start_epoch, history = 0, []
     if config.resume and os.path.exists(config.checkpoint):
@@ -776,7 +763,7 @@ def _train_epoch(modules, nets, optimizers, sampler, config, *, epoch, images, b
 
     started = time.perf_counter()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # d, g, D(x), D(G(z)), steps
-    for i, batch in enumerate(_batches(list(sampler), config.batch_size)):
+    for i, batch in enumerate(batches_of(list(sampler), config.batch_size)):
         real = images[torch.tensor(batch)].to(device)
         for _ in range(config.d_steps):
             noise = torch.randn(len(batch), generator.latent_dim, generator=noise_rng)

@@ -56,11 +56,14 @@ from torch import Tensor, nn
 from deepkern.data.keypoints import KeypointData
 from deepkern.models.training import (
     SilentBar,
+    batches_of,
+    data_parallel,
     environment,
     process_group,
     progress_bar,
     rank_and_world,
     save_atomic,
+    warmup_cosine,
 )
 from deepkern.nn import RLELoss
 
@@ -643,22 +646,6 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint path")
 
 
-def _learning_rate(config: TrainConfig, step: int, total: int) -> float:
-    warmup = int(config.warmup_fraction * total)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    # Training-mode BatchNorm cannot normalise a single pooled example: drop a last batch of one.
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    return batches
-
-
 def _check_data(name: str, data: KeypointData, model: KeypointModel) -> None:
     if not isinstance(data, KeypointData):
         raise ValueError(f"{name} must be a KeypointData, got {type(data).__name__}")
@@ -707,12 +694,7 @@ def train(
     device = torch.device(config.device)
     rank, world = rank_and_world()
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -722,7 +704,7 @@ def train(
     sampler = DistributedSampler(
         range(len(train_data)), num_replicas=world, rank=rank, seed=config.seed
     )
-    steps_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
+    steps_per_epoch = len(batches_of(list(range(len(sampler))), config.batch_size))
 
     start_epoch, history = 0, []
     if config.resume and os.path.exists(config.checkpoint):
@@ -789,7 +771,7 @@ def _train_epoch(net, optimizer, sampler, config, epoch, data, bar, name) -> dic
     device = torch.device(config.device)
     _, world = rank_and_world()
     sampler.set_epoch(epoch)
-    batches = _batches(list(sampler), config.batch_size)
+    batches = batches_of(list(sampler), config.batch_size)
     total_steps = max(1, config.epochs * len(batches))
     bar.set_description(f"{name} epoch {epoch + 1}/{config.epochs}")
 
@@ -797,7 +779,7 @@ def _train_epoch(net, optimizer, sampler, config, epoch, data, bar, name) -> dic
     started = time.perf_counter()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, count
     for i, batch in enumerate(batches):
-        lr = _learning_rate(config, epoch * len(batches) + i, total_steps)
+        lr = warmup_cosine(config.lr, config.warmup_fraction, epoch * len(batches) + i, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.tensor(batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import tempfile
@@ -12,11 +13,14 @@ import torch.distributed as dist
 
 __all__ = [
     "SilentBar",
+    "batches_of",
+    "data_parallel",
     "environment",
     "process_group",
     "progress_bar",
     "rank_and_world",
     "save_atomic",
+    "warmup_cosine",
 ]
 
 
@@ -114,3 +118,34 @@ def process_group(settings):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel when ``world`` > 1, else itself."""
+    if world <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def warmup_cosine(lr: float, warmup_fraction: float, step: int, total: int) -> float:
+    """Linear warm-up over the first ``warmup_fraction`` of ``total`` steps, then cosine decay."""
+    warmup = int(warmup_fraction * total)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batches_of(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive batches of ``indices``; a last batch of one joins no step.
+
+    Batch norm in training mode cannot normalise a single example on a 1x1 map, so a last batch
+    of one is dropped (one example in an epoch, which comes back reshuffled in the next).
+    """
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches

@@ -49,6 +49,7 @@ from deepkern.data.routing import (
 )
 from deepkern.models.training import (
     SilentBar,
+    data_parallel,
     environment,
     process_group,
     progress_bar,
@@ -818,11 +819,7 @@ def train(policy: nn.Module, config: VRPTrainConfig, critic: nn.Module | None = 
     if critic is not None:
         critic.to(device)
     learner: nn.Module = _Learner(policy, critic)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index if device.index is not None else 0] if device.type == "cuda" else None
-        learner = DistributedDataParallel(learner, device_ids=ids)
+    learner = data_parallel(learner, device, world)
     # Policy and critic are clipped apart: the critic's early errors are large, and one joint
     # norm would shrink the policy's step with them.
     clip_groups = [list(policy.parameters())] + ([list(critic.parameters())] if critic else [])
