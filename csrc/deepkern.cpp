@@ -42,6 +42,11 @@ TORCH_LIBRARY(deepkern, m) {
       " Tensor? out_bias, int drift_kind, int activation, float h, int steps, int paths, int seed,"
       " bool antithetic, int functional, Tensor weights, float offset, bool log_coordinates)"
       " -> Tensor");
+
+  // graph: deterministic CSR segment reductions and fused gather-reduce.
+
+  //
+  // graph: batched log-domain loopy belief propagation.
 }
 
 PYBIND11_MODULE(_C, module) {
