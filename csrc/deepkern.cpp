@@ -47,6 +47,10 @@ TORCH_LIBRARY(deepkern, m) {
 
   //
   // graph: batched log-domain loopy belief propagation.
+  m.def(
+      "loopy_bp(Tensor unary, Tensor pairwise, Tensor src, Tensor dst, Tensor reverse,"
+      " Tensor node_graph, int num_graphs, int mode, float damping, float tol, int max_iters)"
+      " -> (Tensor log_marginals, Tensor log_messages, Tensor iterations, Tensor converged)");
 }
 
 PYBIND11_MODULE(_C, module) {

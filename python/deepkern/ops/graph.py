@@ -30,8 +30,12 @@ __all__ = [
     "reference_segment_reduce",
     "reference_gather_reduce",
     "reference_loopy_bp",
+    "loopy_bp",
     "BPResult",
+    "BP_MODES",
 ]
+
+BP_MODES = {"sum": 0, "max": 1}
 
 REDUCTIONS = ("sum", "mean", "max", "min")
 
@@ -147,7 +151,8 @@ def reference_loopy_bp(
         node_graph (Tensor[V], int64): graph of each node, in [0, num_graphs).
         mode: "sum" (sum-product: marginals) or "max" (max-product: max-marginals).
         damping (float in [0, 1)): new message = damping * old + (1 - damping) * update, in the
-            log domain, after normalisation.
+            log domain, between normalised messages, and normalised again (a convex combination
+            of normalised log-messages is not normalised itself).
         tol (float >= 0): a graph has converged when no message of it changed by more than tol
             (max absolute difference of normalised log-messages) in an iteration; its messages
             are then frozen while the other graphs go on.
@@ -159,7 +164,8 @@ def reference_loopy_bp(
         m'[e](b) = reduce_a ( unary[src e](a) + pairwise[e](a, b)
                               + sum_{e' : dst e' = src e, e' != reverse e} m[e'](a) ),
 
-    reduce = logsumexp (sum-product) or max (max-product), then normalised and damped.
+    reduce = logsumexp (sum-product) or max (max-product), then normalised and, when damping
+    is on, damped and normalised again.
     """
     if mode not in ("sum", "max"):
         raise ValueError(f"mode must be 'sum' or 'max', got {mode!r}")
@@ -189,7 +195,8 @@ def reference_loopy_bp(
         cavity = unary[src] + incoming[src] - messages[reverse]  # [E, S] over the source state
         update = reduce_states(cavity.unsqueeze(-1) + pairwise, dim=1)  # [E, S] over dst state
         update = _normalise(update, mode)
-        update = damping * messages + (1.0 - damping) * update
+        if damping > 0.0:
+            update = _normalise(damping * messages + (1.0 - damping) * update, mode)
         change = (update - messages).abs().amax(dim=1)
         graph_change = unary.new_zeros(num_graphs).scatter_reduce_(
             0, edge_graph, change, reduce="amax", include_self=True
@@ -204,3 +211,100 @@ def reference_loopy_bp(
     incoming = unary.new_zeros((nodes, states)).index_add_(0, dst, messages)
     log_marginals = _normalise(unary + incoming, mode)
     return BPResult(log_marginals, messages, iterations, converged)
+
+
+def loopy_bp(
+    unary: Tensor,
+    pairwise: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    reverse: Tensor,
+    node_graph: Tensor,
+    num_graphs: int,
+    mode: str = "sum",
+    damping: float = 0.0,
+    tol: float = 1e-6,
+    max_iters: int = 100,
+) -> BPResult:
+    """Batched loopy BP in the log domain: the compiled kernel of :func:`reference_loopy_bp`.
+
+    Same arguments, semantics and result as the reference (flooding schedule, normalised
+    messages, damping, per-graph convergence with frozen messages and per-graph iteration
+    counts). Graphs are independent: each one iterates to its own convergence on one CPU thread
+    or one CUDA warp, so results do not depend on the thread count, and nodes and edges may come
+    in any order (the kernel sorts them by graph itself).
+
+    Args:
+        unary (Tensor[V, S], float32 or float64): log node potentials, finite, 1 <= S <= 32.
+        pairwise (Tensor[E, S, S], dtype of unary): log edge potentials, finite, with
+            ``pairwise[reverse[e]] == pairwise[e].T``. A forbidden state or pair takes a large
+            negative finite value (say -1e4), not -inf.
+        src, dst, reverse (Tensor[E], int64): directed edges without self-loops, each undirected
+            edge in both directions, ``reverse`` pairing them (an involution with
+            ``src[reverse[e]] == dst[e]``).
+        node_graph (Tensor[V], int64): graph of each node, in [0, num_graphs); an edge joins two
+            nodes of the same graph.
+        num_graphs (int >= 0): number of graphs; a graph without nodes or edges converges after
+            one iteration.
+        mode: "sum" (marginals) or "max" (max-marginals).
+        damping (float in [0, 1)), tol (float >= 0), max_iters (int >= 0): as in the reference.
+
+    Returns:
+        BPResult: log_marginals [V, S], log_messages [E, S], iterations [G] int64 and
+        converged [G] bool, on the device of the inputs.
+
+    Raises:
+        ValueError: on an unknown mode, or inputs that require grad: the op is not
+            differentiable.
+        RuntimeError: on any other bad input, naming the argument. Checking the index and
+            potential values reads them back, two host synchronisations on CUDA.
+
+    Example:
+        >>> unary = torch.zeros(2, 2)  # one edge 0 - 1 that prefers equal states
+        >>> pairwise = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)
+        >>> e = torch.tensor
+        >>> loopy_bp(unary, pairwise, e([0, 1]), e([1, 0]), e([1, 0]), e([0, 0]), 1).iterations
+        tensor([2])
+    """
+    if mode not in BP_MODES:
+        raise ValueError(f"mode must be one of {sorted(BP_MODES)}, got {mode!r}")
+    if unary.requires_grad or pairwise.requires_grad:
+        raise ValueError(
+            "loopy_bp is not differentiable: unary and pairwise must not require grad "
+            "(detach them, or differentiate reference_loopy_bp)"
+        )
+    result = torch.ops.deepkern.loopy_bp(
+        unary,
+        pairwise,
+        src,
+        dst,
+        reverse,
+        node_graph,
+        int(num_graphs),
+        BP_MODES[mode],
+        float(damping),
+        float(tol),
+        int(max_iters),
+    )
+    return BPResult(*result)
+
+
+@torch.library.register_fake("deepkern::loopy_bp")
+def _fake_loopy_bp(
+    unary, pairwise, src, dst, reverse, node_graph, num_graphs, mode, damping, tol, max_iters
+):
+    for name, t in (("pairwise", pairwise), ("src", src), ("dst", dst), ("reverse", reverse)):
+        torch._check(
+            t.device == unary.device,
+            lambda name=name, t=t: f"{name} must be on the device of unary, got {t.device}",
+        )
+    torch._check(node_graph.device == unary.device, lambda: "node_graph must be on unary's device")
+    torch._check(unary.dim() == 2, lambda: "unary must have shape [nodes, states]")
+    torch._check(src.dim() == 1, lambda: "src must be 1-D")
+    torch._check(num_graphs >= 0, lambda: f"num_graphs must be non-negative, got {num_graphs}")
+    return (
+        unary.new_empty(unary.shape),
+        unary.new_empty((src.shape[0], unary.shape[1])),
+        src.new_empty((num_graphs,), dtype=torch.int64),
+        src.new_empty((num_graphs,), dtype=torch.bool),
+    )

@@ -1,0 +1,221 @@
+// CPU loopy belief propagation. Graphs are independent: at::parallel_for hands whole graphs to
+// threads, and each graph iterates to its own convergence with no synchronisation between
+// graphs, so results do not depend on the thread count. Within a graph, each iteration first
+// sums the messages into every node (through the CSR of incoming edges), then updates every
+// message from its source's cavity.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+
+#include "common/checks.h"
+#include "graph/bp.h"
+#include "graph/bp_ops.h"
+
+namespace deepkern::graph {
+namespace {
+
+constexpr char kLoopyBPName[] = "loopy_bp";
+
+// Sixteen graphs per task at least: a small graph costs a few microseconds per iteration.
+constexpr int64_t kGraphGrain = 16;
+
+template <typename T>
+struct Problem {
+  int states;
+  bool sum_product;
+  T damping;   // weight of the previous message
+  T undamped;  // 1 - damping, the weight of the update
+  T tol;
+  T start;  // the uniform normalised message
+  int64_t max_iters;
+  const T* unary;
+  const T* pairwise;
+  const int64_t* src;
+  const int64_t* reverse;
+  const int64_t* node_ptr;
+  const int64_t* node_order;
+  const int64_t* in_ptr;
+  const int64_t* in_edges;
+  T* messages;   // [E, S], the result
+  T* spare;      // [E, S], the other buffer of the flooding schedule
+  T* incoming;   // [V, S]
+  T* kernel;     // [E, S, S], sum-product only
+  T* shift;      // [E, S], sum-product only
+  T* scale;      // [E, S], sum-product only
+  T* marginals;  // [V, S]
+  int64_t* iterations;
+  bool* converged;
+};
+
+// Sum of the messages into node v, read from the buffer `from`.
+template <typename T, int kFixed>
+inline void gather_incoming(const Problem<T>& p, const T* from, int64_t v, T* out) {
+  const int S = state_count<kFixed>(p.states);
+  for (int b = 0; b < S; ++b) out[b] = T(0);
+  for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
+    const T* m = from + p.in_edges[k] * S;
+    for (int b = 0; b < S; ++b) out[b] += m[b];
+  }
+}
+
+template <typename T, int kFixed>
+void run_graph(const Problem<T>& p, int64_t g) {
+  const int S = state_count<kFixed>(p.states);
+  const int64_t first = p.node_ptr[g];
+  const int64_t last = p.node_ptr[g + 1];
+
+  // Uniform start, and the sum-product constants of each edge. The edges of the graph are the
+  // incoming edges of its nodes.
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
+      const int64_t e = p.in_edges[k];
+      for (int b = 0; b < S; ++b) p.messages[e * S + b] = p.start;
+      if (p.sum_product) {
+        prepare_sum_edge<T, kFixed>(S, p.pairwise + e * S * S, p.kernel + e * S * S,
+                                    p.shift + e * S, p.scale + e * S);
+      }
+    }
+  }
+
+  T* current = p.messages;
+  T* next = p.spare;
+  int64_t iteration = 0;
+  bool done = false;
+  T cavity[kFixed > 0 ? kFixed : kMaxStates];
+  while (iteration < p.max_iters) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t v = p.node_order[i];
+      gather_incoming<T, kFixed>(p, current, v, p.incoming + v * S);
+    }
+
+    T change = T(0);
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t v = p.node_order[i];
+      for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
+        const int64_t e = p.in_edges[k];
+        const int64_t u = p.src[e];
+        const T* back = current + p.reverse[e] * S;
+        for (int a = 0; a < S; ++a)
+          cavity[a] = p.unary[u * S + a] + p.incoming[u * S + a] - back[a];
+        T* out = next + e * S;
+        if (p.sum_product) {
+          sum_product_message<T, kFixed>(S, cavity, p.pairwise + e * S * S, p.kernel + e * S * S,
+                                         p.shift + e * S, p.scale + e * S, out);
+        } else {
+          max_product_message<T, kFixed>(S, cavity, p.pairwise + e * S * S, out);
+        }
+        change = worse_change(change, finish_message<T, kFixed>(S, p.sum_product, p.damping,
+                                                                p.undamped, current + e * S, out));
+      }
+    }
+    ++iteration;
+    std::swap(current, next);
+    if (change <= p.tol) {
+      done = true;
+      break;
+    }
+  }
+
+  // The last messages may sit in the spare buffer; the marginals read them where they are.
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    if (current != p.messages) {
+      for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
+        const int64_t e = p.in_edges[k];
+        std::copy(current + e * S, current + (e + 1) * S, p.messages + e * S);
+      }
+    }
+    T* marginal = p.marginals + v * S;
+    gather_incoming<T, kFixed>(p, p.messages, v, marginal);
+    for (int b = 0; b < S; ++b) marginal[b] = p.unary[v * S + b] + marginal[b];
+    normalise<T, kFixed>(S, p.sum_product, marginal);
+  }
+  p.iterations[g] = iteration;
+  p.converged[g] = done;
+}
+
+template <typename T, int kFixed>
+void run_graphs(const Problem<T>& p, int64_t graphs) {
+  at::parallel_for(0, graphs, kGraphGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) run_graph<T, kFixed>(p, g);
+  });
+}
+
+BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const at::Tensor& src,
+                      const at::Tensor& dst, const at::Tensor& reverse,
+                      const at::Tensor& node_graph, int64_t num_graphs, int64_t mode,
+                      double damping, double tol, int64_t max_iters) {
+  check_device_type(unary, "unary", c10::DeviceType::CPU);
+  const BPInputs in = check_bp_inputs(unary, pairwise, src, dst, reverse, node_graph, num_graphs,
+                                      mode, damping, tol, max_iters);
+  const BPLayout layout = make_bp_layout(in);
+  const int64_t V = in.nodes;
+  const int64_t E = in.edges;
+  const int64_t S = in.states;
+  const bool sum_product = mode == kSumProduct;
+
+  at::Tensor marginals = at::empty({V, S}, in.unary.options());
+  at::Tensor messages = at::empty({E, S}, in.unary.options());
+  at::Tensor iterations = at::zeros({in.graphs}, in.src.options());
+  at::Tensor converged = at::zeros({in.graphs}, in.src.options().dtype(at::kBool));
+  at::Tensor spare = at::empty({E, S}, in.unary.options());
+  at::Tensor incoming = at::empty({V, S}, in.unary.options());
+  at::Tensor kernel = at::empty({sum_product ? E : 0, S, S}, in.unary.options());
+  at::Tensor shift = at::empty({sum_product ? E : 0, S}, in.unary.options());
+  at::Tensor scale = at::empty({sum_product ? E : 0, S}, in.unary.options());
+  if (in.graphs == 0) return {marginals, messages, iterations, converged};
+
+  AT_DISPATCH_FLOATING_TYPES(in.unary.scalar_type(), kLoopyBPName, [&] {
+    using T = scalar_t;
+    const Problem<T> p{static_cast<int>(S),
+                       sum_product,
+                       static_cast<T>(damping),
+                       static_cast<T>(1.0 - damping),
+                       static_cast<T>(tol),
+                       sum_product ? -std::log(static_cast<T>(S)) : T(0),
+                       max_iters,
+                       in.unary.const_data_ptr<T>(),
+                       in.pairwise.const_data_ptr<T>(),
+                       in.src.const_data_ptr<int64_t>(),
+                       in.reverse.const_data_ptr<int64_t>(),
+                       layout.node_ptr.const_data_ptr<int64_t>(),
+                       layout.node_order.const_data_ptr<int64_t>(),
+                       layout.in_ptr.const_data_ptr<int64_t>(),
+                       layout.in_edges.const_data_ptr<int64_t>(),
+                       messages.mutable_data_ptr<T>(),
+                       spare.mutable_data_ptr<T>(),
+                       incoming.mutable_data_ptr<T>(),
+                       kernel.mutable_data_ptr<T>(),
+                       shift.mutable_data_ptr<T>(),
+                       scale.mutable_data_ptr<T>(),
+                       marginals.mutable_data_ptr<T>(),
+                       iterations.mutable_data_ptr<int64_t>(),
+                       converged.mutable_data_ptr<bool>()};
+    switch (S) {
+      case 2:
+        run_graphs<T, 2>(p, in.graphs);
+        break;
+      case 3:
+        run_graphs<T, 3>(p, in.graphs);
+        break;
+      case 4:
+        run_graphs<T, 4>(p, in.graphs);
+        break;
+      default:
+        run_graphs<T, 0>(p, in.graphs);
+    }
+  });
+  return {marginals, messages, iterations, converged};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deepkern, CPU, m) { m.impl("loopy_bp", &loopy_bp_cpu); }
+
+}  // namespace deepkern::graph
