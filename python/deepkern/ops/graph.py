@@ -260,7 +260,7 @@ def loopy_bp(
             potential values reads them back, two host synchronisations on CUDA.
 
     Example:
-        >>> unary = torch.zeros(2, 2)  # one edge 0 - 1 that prefers equal states
+        >>> unary = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # one edge 0 - 1 preferring equal
         >>> pairwise = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]] * 2)
         >>> e = torch.tensor
         >>> loopy_bp(unary, pairwise, e([0, 1]), e([1, 0]), e([1, 0]), e([0, 0]), 1).iterations
