@@ -19,20 +19,99 @@ void check_index(const at::Tensor& t, const char* name, int64_t length, const at
               t.sizes());
 }
 
-// Value checks read back in one transfer: each condition is a 0-dim bool tensor computed on the
-// device, and the first that fails raises with its message.
-void check_all(const std::vector<std::pair<at::Tensor, std::string>>& conditions) {
-  if (conditions.empty()) return;
+void check_flags(const std::vector<bool>& ok, const std::vector<std::string>& messages) {
+  for (size_t i = 0; i < ok.size(); ++i) TORCH_CHECK(ok[i], messages[i]);
+}
+
+// Value checks on the device, read back in one transfer.
+std::vector<bool> read_back(const std::vector<at::Tensor>& conditions) {
   std::vector<at::Tensor> flags;
-  flags.reserve(conditions.size());
-  for (const auto& condition : conditions) flags.push_back(condition.first.reshape({1}));
+  for (const at::Tensor& condition : conditions) flags.push_back(condition.reshape({1}));
   const at::Tensor host = at::cat(flags).to(at::kCPU);
   const bool* ok = host.const_data_ptr<bool>();
-  for (size_t i = 0; i < conditions.size(); ++i) TORCH_CHECK(ok[i], conditions[i].second);
+  return std::vector<bool>(ok, ok + host.numel());
 }
 
 at::Tensor in_range(const at::Tensor& t, int64_t end) {
   return at::logical_and(t.ge(0), t.lt(end)).all();
+}
+
+// Finite unary, finite pairwise, then src, dst, reverse and node_graph in range.
+std::vector<bool> range_flags_device(const BPInputs& in) {
+  return read_back({at::isfinite(in.unary).all(), at::isfinite(in.pairwise).all(),
+                    in_range(in.src, in.nodes), in_range(in.dst, in.nodes),
+                    in_range(in.reverse, in.edges), in_range(in.node_graph, in.graphs)});
+}
+
+// No self-loops, reverse an involution, reverse pairing opposite edges, edges within one graph,
+// and transposed potentials.
+std::vector<bool> structure_flags_device(const BPInputs& in) {
+  const at::Tensor& rev = in.reverse;
+  return read_back(
+      {in.src.ne(in.dst).all(),
+       rev.index_select(0, rev).eq(at::arange(in.edges, rev.options())).all(),
+       in.src.index_select(0, rev).eq(in.dst).all(),
+       in.node_graph.index_select(0, in.src).eq(in.node_graph.index_select(0, in.dst)).all(),
+       in.pairwise.index_select(0, rev).eq(in.pairwise.transpose(1, 2)).all()});
+}
+
+// The same checks in single loops on the CPU, where a dozen tensor operations would cost as
+// much as belief propagation itself on a batch of small graphs.
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  const T* data = t.const_data_ptr<T>();
+  bool ok = true;
+  for (int64_t i = 0; i < t.numel(); ++i) ok &= std::isfinite(data[i]);
+  return ok;
+}
+
+bool all_below(const at::Tensor& t, int64_t end) {
+  const int64_t* data = t.const_data_ptr<int64_t>();
+  bool ok = true;
+  for (int64_t i = 0; i < t.numel(); ++i) ok &= data[i] >= 0 && data[i] < end;
+  return ok;
+}
+
+std::vector<bool> range_flags_cpu(const BPInputs& in) {
+  const bool single = in.unary.scalar_type() == at::kFloat;
+  return {single ? all_finite<float>(in.unary) : all_finite<double>(in.unary),
+          single ? all_finite<float>(in.pairwise) : all_finite<double>(in.pairwise),
+          all_below(in.src, in.nodes),
+          all_below(in.dst, in.nodes),
+          all_below(in.reverse, in.edges),
+          all_below(in.node_graph, in.graphs)};
+}
+
+template <typename T>
+bool transposed_pairs(const at::Tensor& pairwise, const int64_t* rev, int64_t edges, int64_t S) {
+  const T* p = pairwise.const_data_ptr<T>();
+  bool ok = true;
+  for (int64_t e = 0; e < edges; ++e) {
+    const T* mine = p + e * S * S;
+    const T* theirs = p + rev[e] * S * S;
+    for (int64_t a = 0; a < S; ++a) {
+      for (int64_t b = 0; b < S; ++b) ok &= theirs[b * S + a] == mine[a * S + b];
+    }
+  }
+  return ok;
+}
+
+std::vector<bool> structure_flags_cpu(const BPInputs& in) {
+  const int64_t* src = in.src.const_data_ptr<int64_t>();
+  const int64_t* dst = in.dst.const_data_ptr<int64_t>();
+  const int64_t* rev = in.reverse.const_data_ptr<int64_t>();
+  const int64_t* graph = in.node_graph.const_data_ptr<int64_t>();
+  bool no_loops = true, involution = true, opposite = true, same_graph = true;
+  for (int64_t e = 0; e < in.edges; ++e) {
+    no_loops &= src[e] != dst[e];
+    involution &= rev[rev[e]] == e;
+    opposite &= src[rev[e]] == dst[e];
+    same_graph &= graph[src[e]] == graph[dst[e]];
+  }
+  const bool transposed = in.pairwise.scalar_type() == at::kFloat
+                              ? transposed_pairs<float>(in.pairwise, rev, in.edges, in.states)
+                              : transposed_pairs<double>(in.pairwise, rev, in.edges, in.states);
+  return {no_loops, involution, opposite, same_graph, transposed};
 }
 
 // Stable counting sort of keys in [0, buckets): row pointers [buckets + 1] and the order [n].
@@ -101,45 +180,25 @@ BPInputs check_bp_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
   in.states = states;
   in.graphs = num_graphs;
 
-  // Ranges first: the structural checks below index with these tensors.
-  std::vector<std::pair<at::Tensor, std::string>> ranges;
-  ranges.emplace_back(at::isfinite(in.unary).all(),
-                      "unary must be finite (use a large negative log-potential, not -inf, for "
-                      "a forbidden state)");
-  ranges.emplace_back(at::isfinite(in.pairwise).all(),
-                      "pairwise must be finite (use a large negative log-potential, not -inf, "
-                      "for a forbidden pair)");
+  // Ranges first: the structural checks index with these tensors.
   const std::string node_range = " must lie in [0, " + std::to_string(nodes) + "), the nodes";
-  const std::string graph_range =
-      " must lie in [0, num_graphs = " + std::to_string(num_graphs) + ")";
-  if (edges > 0) {
-    ranges.emplace_back(in_range(in.src, nodes), "src" + node_range);
-    ranges.emplace_back(in_range(in.dst, nodes), "dst" + node_range);
-    ranges.emplace_back(in_range(in.reverse, edges),
-                        "reverse must lie in [0, " + std::to_string(edges) + "), the edges");
-  }
-  if (nodes > 0)
-    ranges.emplace_back(in_range(in.node_graph, num_graphs), "node_graph" + graph_range);
-  check_all(ranges);
+  check_flags(in.unary.is_cpu() ? range_flags_cpu(in) : range_flags_device(in),
+              {"unary must be finite (use a large negative log-potential, not -inf, for a "
+               "forbidden state)",
+               "pairwise must be finite (use a large negative log-potential, not -inf, for a "
+               "forbidden pair)",
+               "src" + node_range, "dst" + node_range,
+               "reverse must lie in [0, " + std::to_string(edges) + "), the edges",
+               "node_graph must lie in [0, num_graphs = " + std::to_string(num_graphs) + ")"});
   if (edges == 0) return in;
-
-  std::vector<std::pair<at::Tensor, std::string>> structure;
-  structure.emplace_back(in.src.ne(in.dst).all(), "src and dst must differ: no self-loops");
-  structure.emplace_back(
-      in.reverse.index_select(0, in.reverse).eq(at::arange(edges, in.reverse.options())).all(),
-      "reverse must be an involution: reverse[reverse[e]] == e for every edge e");
-  structure.emplace_back(
-      in.src.index_select(0, in.reverse).eq(in.dst).all(),
-      "reverse must pair each edge with its opposite: src[reverse[e]] == dst[e]");
-  structure.emplace_back(
-      in.node_graph.index_select(0, in.src).eq(in.node_graph.index_select(0, in.dst)).all(),
-      "every edge must join two nodes of the same graph: node_graph[src[e]] == "
-      "node_graph[dst[e]]");
-  structure.emplace_back(
-      in.pairwise.index_select(0, in.reverse).eq(in.pairwise.transpose(1, 2)).all(),
-      "pairwise[reverse[e]] must equal pairwise[e] transposed: each undirected edge has one "
-      "potential, seen from either end");
-  check_all(structure);
+  check_flags(in.unary.is_cpu() ? structure_flags_cpu(in) : structure_flags_device(in),
+              {"src and dst must differ: no self-loops",
+               "reverse must be an involution: reverse[reverse[e]] == e for every edge e",
+               "reverse must pair each edge with its opposite: src[reverse[e]] == dst[e]",
+               "every edge must join two nodes of the same graph: node_graph[src[e]] == "
+               "node_graph[dst[e]]",
+               "pairwise[reverse[e]] must equal pairwise[e] transposed: each undirected edge has "
+               "one potential, seen from either end"});
   return in;
 }
 
