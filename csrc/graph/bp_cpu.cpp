@@ -196,7 +196,8 @@ void run_graph(const Problem<T>& p, int64_t g) {
       for (int b = 0; b < S; ++b) p.messages[e * S + b] = p.start;
       if (p.sum_product) {
         prepare_sum_edge<T, kFixed>(S, p.pairwise + e * S * S, p.kernel + e * S * S,
-                                    p.shift + e * S, p.scale + e * S);
+                                    p.shift + e * S, p.scale + e * S,
+                                    [](T x) { return vector_exp(x); });
       }
     }
   }
