@@ -2,7 +2,8 @@
 // threads, and each graph iterates to its own convergence with no synchronisation between
 // graphs, so results do not depend on the thread count. Within a graph, each iteration first
 // sums the messages into every node (through the CSR of incoming edges), then updates every
-// message from its source's cavity.
+// message from its source's cavity. Sum-product takes its exponentials and logarithms from
+// bp_cpu_math.h, a chunk of edges at a time, so that they vectorise; max-product needs none.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
