@@ -84,15 +84,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void normalise(int states, bool sum_product, T
 // top = max_b col(b),
 //   kernel(a, b) = exp(P(a, b) - col(b)) in (0, 1],  shift(b) = col(b) - top,
 //   scale(b) = exp(shift(b)) in (0, 1].
-template <typename T>
-struct LibraryExp {
-  C10_HOST_DEVICE T operator()(T x) const { return bp_exp(x); }
-};
-
-// Exp computes the exponentials (the CPU passes its vectorisable one).
-template <typename T, int kFixed, typename Exp = LibraryExp<T>>
+template <typename T, int kFixed>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void prepare_sum_edge(int states, const T* pair, T* kernel,
-                                                        T* shift, T* scale, Exp exp = Exp()) {
+                                                        T* shift, T* scale) {
   const int S = state_count<kFixed>(states);
   T col[kFixed > 0 ? kFixed : kMaxStates];
   for (int b = 0; b < S; ++b) col[b] = pair[b];
@@ -102,11 +96,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void prepare_sum_edge(int states, const T* pai
   T top = col[0];
   for (int b = 1; b < S; ++b) top = bp_max(top, col[b]);
   for (int a = 0; a < S; ++a) {
-    for (int b = 0; b < S; ++b) kernel[a * S + b] = exp(pair[a * S + b] - col[b]);
+    for (int b = 0; b < S; ++b) kernel[a * S + b] = bp_exp(pair[a * S + b] - col[b]);
   }
   for (int b = 0; b < S; ++b) {
     shift[b] = col[b] - top;
-    scale[b] = exp(shift[b]);
+    scale[b] = bp_exp(shift[b]);
   }
 }
 

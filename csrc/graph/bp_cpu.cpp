@@ -46,14 +46,18 @@ struct Problem {
   const int64_t* reverse;
   const int64_t* node_ptr;
   const int64_t* node_order;
+  const int64_t* edge_ptr;
+  const int64_t* edge_order;
   const int64_t* in_ptr;
   const int64_t* in_edges;
-  T* messages;   // [E, S], the result
-  T* spare;      // [E, S], the other buffer of the flooding schedule
-  T* incoming;   // [V, S]
-  T* kernel;     // [E, S, S], sum-product only
-  T* shift;      // [E, S], sum-product only
-  T* scale;      // [E, S], sum-product only
+  T* messages;  // [E, S], the result
+  T* spare;     // [E, S], the other buffer of the flooding schedule
+  T* incoming;  // [V, S]
+  // Sum-product constants, at each edge's position in edge_order, so that a graph's constants
+  // are contiguous.
+  T* kernel;     // [E, S, S]
+  T* shift;      // [E, S]
+  T* scale;      // [E, S]
   T* marginals;  // [V, S]
   int64_t* iterations;
   bool* converged;
@@ -82,8 +86,8 @@ inline void cavity_of(const Problem<T>& p, const T* current, int64_t e, T* c) {
 // sum_product_message for `count` edges at once, with the exponentials and logarithms of the
 // whole chunk in two vectorised loops. Returns the largest change of the chunk's messages.
 template <typename T, int kFixed>
-T sum_product_chunk(const Problem<T>& p, const T* current, T* next, const int64_t* edges,
-                    int count) {
+T sum_product_chunk(const Problem<T>& p, const T* current, T* next, int64_t position, int count) {
+  const int64_t* edges = p.edge_order + position;
   const int S = state_count<kFixed>(p.states);
   alignas(64) T values[kChunkValues];
   alignas(64) T ratios[kChunkValues];
@@ -101,8 +105,8 @@ T sum_product_chunk(const Problem<T>& p, const T* current, T* next, const int64_
 
   // u(b) = sum_a w(a) kernel(a, b), divided by sum_b u(b) scale(b) where it can be trusted.
   for (int j = 0; j < count; ++j) {
-    const T* kernel = p.kernel + edges[j] * S * S;
-    const T* scale = p.scale + edges[j] * S;
+    const T* kernel = p.kernel + (position + j) * S * S;
+    const T* scale = p.scale + (position + j) * S;
     T* u = ratios + j * S;
     for (int b = 0; b < S; ++b) u[b] = T(0);
     for (int a = 0; a < S; ++a) {
@@ -126,12 +130,13 @@ T sum_product_chunk(const Problem<T>& p, const T* current, T* next, const int64_
     const int64_t e = edges[j];
     T* out = next + e * S;
     if (trusted[j]) {
-      for (int b = 0; b < S; ++b) out[b] = ratios[j * S + b] + p.shift[e * S + b];
+      for (int b = 0; b < S; ++b) out[b] = ratios[j * S + b] + p.shift[(position + j) * S + b];
     } else {
       T c[kFixed > 0 ? kFixed : kMaxStates];
       cavity_of<T, kFixed>(p, current, e, c);
-      sum_product_message<T, kFixed>(S, c, p.pairwise + e * S * S, p.kernel + e * S * S,
-                                     p.shift + e * S, p.scale + e * S, out);
+      const int64_t k = position + j;
+      sum_product_message<T, kFixed>(S, c, p.pairwise + e * S * S, p.kernel + k * S * S,
+                                     p.shift + k * S, p.scale + k * S, out);
     }
     change = worse_change(
         change, finish_message<T, kFixed>(S, true, p.damping, p.undamped, current + e * S, out));
@@ -139,25 +144,14 @@ T sum_product_chunk(const Problem<T>& p, const T* current, T* next, const int64_
   return change;
 }
 
-// One sum-product sweep over the edges of the graph whose nodes are node_order[first, last).
+// One sum-product sweep over the edges edge_order[first, last) of a graph.
 template <typename T, int kFixed>
 T sum_product_sweep(const Problem<T>& p, int64_t first, int64_t last, const T* current, T* next) {
   const int capacity = kChunkValues / state_count<kFixed>(p.states);
-  int64_t edges[kChunkValues];
-  int count = 0;
   T change = T(0);
-  for (int64_t i = first; i < last; ++i) {
-    const int64_t v = p.node_order[i];
-    for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
-      edges[count++] = p.in_edges[k];
-      if (count == capacity) {
-        change = worse_change(change, sum_product_chunk<T, kFixed>(p, current, next, edges, count));
-        count = 0;
-      }
-    }
-  }
-  if (count > 0) {
-    change = worse_change(change, sum_product_chunk<T, kFixed>(p, current, next, edges, count));
+  for (int64_t k = first; k < last; k += capacity) {
+    const int count = static_cast<int>(std::min<int64_t>(capacity, last - k));
+    change = worse_change(change, sum_product_chunk<T, kFixed>(p, current, next, k, count));
   }
   return change;
 }
@@ -168,18 +162,39 @@ T max_product_sweep(const Problem<T>& p, int64_t first, int64_t last, const T* c
   const int S = state_count<kFixed>(p.states);
   T cavity[kFixed > 0 ? kFixed : kMaxStates];
   T change = T(0);
-  for (int64_t i = first; i < last; ++i) {
-    const int64_t v = p.node_order[i];
-    for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
-      const int64_t e = p.in_edges[k];
-      cavity_of<T, kFixed>(p, current, e, cavity);
-      T* out = next + e * S;
-      max_product_message<T, kFixed>(S, cavity, p.pairwise + e * S * S, out);
-      change = worse_change(
-          change, finish_message<T, kFixed>(S, false, p.damping, p.undamped, current + e * S, out));
-    }
+  for (int64_t k = first; k < last; ++k) {
+    const int64_t e = p.edge_order[k];
+    cavity_of<T, kFixed>(p, current, e, cavity);
+    T* out = next + e * S;
+    max_product_message<T, kFixed>(S, cavity, p.pairwise + e * S * S, out);
+    change = worse_change(
+        change, finish_message<T, kFixed>(S, false, p.damping, p.undamped, current + e * S, out));
   }
   return change;
+}
+
+// Sum-product constants of the edges edge_order[first, last) (see prepare_sum_edge), with the
+// exponentials of the whole graph in two vectorised loops.
+template <typename T, int kFixed>
+void prepare_sum_edges(const Problem<T>& p, int64_t first, int64_t last) {
+  const int S = state_count<kFixed>(p.states);
+  for (int64_t k = first; k < last; ++k) {
+    const T* pair = p.pairwise + p.edge_order[k] * S * S;
+    T col[kFixed > 0 ? kFixed : kMaxStates];
+    for (int b = 0; b < S; ++b) col[b] = pair[b];
+    for (int a = 1; a < S; ++a) {
+      for (int b = 0; b < S; ++b) col[b] = bp_max(col[b], pair[a * S + b]);
+    }
+    T top = col[0];
+    for (int b = 1; b < S; ++b) top = bp_max(top, col[b]);
+    T* kernel = p.kernel + k * S * S;
+    for (int a = 0; a < S; ++a) {
+      for (int b = 0; b < S; ++b) kernel[a * S + b] = pair[a * S + b] - col[b];
+    }
+    for (int b = 0; b < S; ++b) p.shift[k * S + b] = col[b] - top;
+  }
+  for (int64_t i = first * S * S; i < last * S * S; ++i) p.kernel[i] = vector_exp(p.kernel[i]);
+  for (int64_t i = first * S; i < last * S; ++i) p.scale[i] = vector_exp(p.shift[i]);
 }
 
 template <typename T, int kFixed>
@@ -188,20 +203,15 @@ void run_graph(const Problem<T>& p, int64_t g) {
   const int64_t first = p.node_ptr[g];
   const int64_t last = p.node_ptr[g + 1];
 
-  // Uniform start, and the sum-product constants of each edge. The edges of the graph are the
-  // incoming edges of its nodes.
-  for (int64_t i = first; i < last; ++i) {
-    const int64_t v = p.node_order[i];
-    for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
-      const int64_t e = p.in_edges[k];
-      for (int b = 0; b < S; ++b) p.messages[e * S + b] = p.start;
-      if (p.sum_product) {
-        prepare_sum_edge<T, kFixed>(S, p.pairwise + e * S * S, p.kernel + e * S * S,
-                                    p.shift + e * S, p.scale + e * S,
-                                    [](T x) { return vector_exp(x); });
-      }
-    }
+  const int64_t first_edge = p.edge_ptr[g];
+  const int64_t last_edge = p.edge_ptr[g + 1];
+
+  // Uniform start, and the sum-product constants of each edge.
+  for (int64_t k = first_edge; k < last_edge; ++k) {
+    const int64_t e = p.edge_order[k];
+    for (int b = 0; b < S; ++b) p.messages[e * S + b] = p.start;
   }
+  if (p.sum_product) prepare_sum_edges<T, kFixed>(p, first_edge, last_edge);
 
   T* current = p.messages;
   T* next = p.spare;
@@ -213,8 +223,9 @@ void run_graph(const Problem<T>& p, int64_t g) {
       gather_incoming<T, kFixed>(p, current, v, p.incoming + v * S);
     }
 
-    const T change = p.sum_product ? sum_product_sweep<T, kFixed>(p, first, last, current, next)
-                                   : max_product_sweep<T, kFixed>(p, first, last, current, next);
+    const T change = p.sum_product
+                         ? sum_product_sweep<T, kFixed>(p, first_edge, last_edge, current, next)
+                         : max_product_sweep<T, kFixed>(p, first_edge, last_edge, current, next);
     ++iteration;
     std::swap(current, next);
     if (change <= p.tol) {
@@ -223,15 +234,15 @@ void run_graph(const Problem<T>& p, int64_t g) {
     }
   }
 
-  // The last messages may sit in the spare buffer; the marginals read them where they are.
+  // The last messages may sit in the spare buffer.
+  if (current != p.messages) {
+    for (int64_t k = first_edge; k < last_edge; ++k) {
+      const int64_t e = p.edge_order[k];
+      std::copy(current + e * S, current + (e + 1) * S, p.messages + e * S);
+    }
+  }
   for (int64_t i = first; i < last; ++i) {
     const int64_t v = p.node_order[i];
-    if (current != p.messages) {
-      for (int64_t k = p.in_ptr[v]; k < p.in_ptr[v + 1]; ++k) {
-        const int64_t e = p.in_edges[k];
-        std::copy(current + e * S, current + (e + 1) * S, p.messages + e * S);
-      }
-    }
     T* marginal = p.marginals + v * S;
     gather_incoming<T, kFixed>(p, p.messages, v, marginal);
     for (int b = 0; b < S; ++b) marginal[b] = p.unary[v * S + b] + marginal[b];
@@ -287,6 +298,8 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
                        in.reverse.const_data_ptr<int64_t>(),
                        layout.node_ptr.const_data_ptr<int64_t>(),
                        layout.node_order.const_data_ptr<int64_t>(),
+                       layout.edge_ptr.const_data_ptr<int64_t>(),
+                       layout.edge_order.const_data_ptr<int64_t>(),
                        layout.in_ptr.const_data_ptr<int64_t>(),
                        layout.in_edges.const_data_ptr<int64_t>(),
                        messages.mutable_data_ptr<T>(),
