@@ -42,6 +42,15 @@ TORCH_LIBRARY(deepkern, m) {
       " Tensor? out_bias, int drift_kind, int activation, float h, int steps, int paths, int seed,"
       " bool antithetic, int functional, Tensor weights, float offset, bool log_coordinates)"
       " -> Tensor");
+
+  // graph: deterministic CSR segment reductions and fused gather-reduce.
+
+  //
+  // graph: batched log-domain loopy belief propagation.
+  m.def(
+      "loopy_bp(Tensor unary, Tensor pairwise, Tensor src, Tensor dst, Tensor reverse,"
+      " Tensor node_graph, int num_graphs, int mode, float damping, float tol, int max_iters)"
+      " -> (Tensor log_marginals, Tensor log_messages, Tensor iterations, Tensor converged)");
 }
 
 PYBIND11_MODULE(_C, module) {

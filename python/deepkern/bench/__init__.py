@@ -30,6 +30,7 @@ __all__ = ["FAMILIES", "AgreementError", "add_arguments", "collect", "main", "ru
 # Family name -> module. Imported only when that family runs, so that one family's optional
 # outside library never slows or breaks another's command.
 FAMILIES: dict[str, str] = {
+    "bp": "deepkern.bench.bp",
     "momentum": "deepkern.bench.momentum",
     "sde": "deepkern.bench.sde",
     "vrp": "deepkern.bench.vrp",

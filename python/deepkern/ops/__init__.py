@@ -1,6 +1,7 @@
 """The public ops, one module per kernel family."""
 
+from deepkern.ops import graph as graph
 from deepkern.ops import momentum as momentum
 from deepkern.ops import sde as sde
 
-__all__ = ["momentum", "sde"]
+__all__ = ["graph", "momentum", "sde"]
