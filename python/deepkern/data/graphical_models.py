@@ -97,8 +97,8 @@ def family_graph(
     - ``path``, ``cycle``, ``wheel`` (hub plus a cycle of n - 1), ``complete``.
     - ``ladder`` and ``circular_ladder``: two rails of n // 2 rungs; for odd n one more node
       hangs off the last one.
-    - ``grid``: r x c lattice with r the largest divisor of n up to sqrt(n) (3x3 for 9, 4x4
-      for 16; a prime n gives a 1 x n path).
+    - ``grid``: ``r = isqrt(n)`` rows of ``c = ceil(n / r)`` nodes filled row by row, the
+      last row possibly short (3x3 for 9, 4x4 for 16, 3x4 for 12, 2x4 less one for 7).
     - ``barbell``: two cliques of m = max(3, n // 3) joined by a path of n - 2m nodes.
     - ``lollipop``: a clique of n // 2 and a path of the other n - n // 2 nodes.
     - ``bipartite`` and ``tripartite``: complete multipartite graphs with parts as equal as
@@ -132,8 +132,10 @@ def family_graph(
     elif family == "ladder":
         graph = _with_pendant(nx.ladder_graph(n // 2), n)
     elif family == "grid":
-        rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
-        graph = nx.convert_node_labels_to_integers(nx.grid_2d_graph(rows, n // rows))
+        rows = math.isqrt(n)
+        lattice = nx.grid_2d_graph(rows, -(-n // rows))
+        kept = sorted(lattice.nodes())[:n]  # row by row: only the last row can be short
+        graph = nx.convert_node_labels_to_integers(lattice.subgraph(kept), ordering="sorted")
     elif family == "circular_ladder":
         graph = _with_pendant(nx.circular_ladder_graph(n // 2), n)
     elif family == "barbell":

@@ -696,7 +696,7 @@ def _summaries(settings: _Settings, rows: list[dict]) -> list[dict]:
 def _table(settings: _Settings, rows: list[dict], summaries: list[dict]) -> str:
     kinds = ["bp", *settings.models]
     labels = [MODEL_LABELS[k] for k in kinds]
-    header = f"{'family':<16} {'n':>3}  " + "".join(f"{'KL ' + x:>13}" for x in labels)
+    header = f"{'family':<20} {'n':>3}  " + "".join(f"{'KL ' + x:>13}" for x in labels)
     header += "".join(f"{'MAE ' + x:>13}" for x in labels) + f"{'BP conv':>9}"
     lines = [header, "-" * len(header)]
 
@@ -707,10 +707,10 @@ def _table(settings: _Settings, rows: list[dict], summaries: list[dict]) -> str:
     for n in settings.test_sizes:
         for r in (r for r in rows if r["n"] == n):
             name = r["family"] + (" *" if r["held_out"] else "")
-            lines.append(f"{name:<16} {n:>3}  {cells(r)}{100 * r['bp_converged']:>8.0f}%")
+            lines.append(f"{name:<20} {n:>3}  {cells(r)}{100 * r['bp_converged']:>8.0f}%")
         lines.append("")
     for s in summaries:
-        lines.append(f"{'mean ' + s['group']:<16} {s['n']:>3}  {cells(s)}")
+        lines.append(f"{'mean ' + s['group']:<20} {s['n']:>3}  {cells(s)}")
     return "\n".join(lines)
 
 
