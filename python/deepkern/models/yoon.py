@@ -47,7 +47,10 @@ __all__ = [
     "bp_marginals",
     "TrainConfig",
     "train",
+    "predict",
     "evaluate",
+    "build_model",
+    "kl_loss",
     "add_reproduce_arguments",
     "run_reproduce",
 ]
