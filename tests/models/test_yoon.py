@@ -223,6 +223,10 @@ def test_bad_inputs_raise():
     no_marginals = gm.sample_mrfs("cycle", 5, 2, torch.Generator(), with_marginals=False)
     with pytest.raises(ValueError, match="train_data"):
         yoon.train(_model(), _config(), no_marginals)
+    with pytest.raises(ValueError, match="marginals"):
+        yoon.evaluate(_model(), no_marginals)
+    with pytest.raises(ValueError, match="batch_size"):
+        yoon.predict(_model(), no_marginals, batch_size=0)
 
 
 @pytest.mark.parametrize(

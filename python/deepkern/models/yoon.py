@@ -457,6 +457,8 @@ def _train_epoch(net, optimizer, config, *, epoch, data, bar, name) -> dict:
 @torch.no_grad()
 def predict(model: nn.Module, data: MRFBatch, batch_size: int = 256) -> Tensor:
     """Tensor[V, 2]: the model's marginals, ``batch_size`` graphs per forward pass."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -469,7 +471,13 @@ def predict(model: nn.Module, data: MRFBatch, batch_size: int = 256) -> Tensor:
 
 
 def evaluate(model: nn.Module, data: MRFBatch) -> dict:
-    """Mean per-node KL(exact || model) and mean absolute error of p(x = +1)."""
+    """Mean per-node KL(exact || model) and mean absolute error of p(x = +1).
+
+    Raises:
+        ValueError: ``data`` without exact marginals.
+    """
+    if data.marginals is None:
+        raise ValueError("data must hold exact marginals (sample_mrfs(..., with_marginals=True))")
     kl, mae = marginal_errors(predict(model, data), data.marginals)
     return {"kl": float(kl.mean()), "mae": float(mae.mean())}
 
@@ -509,7 +517,7 @@ class _Settings:
 _DEFAULTS = _Settings()
 _QUICK = _Settings(
     train_n=6, test_sizes=(6, 8), train_per_family=3, test_per_family=2, hidden=8, steps=3,
-    epochs=2, batch_size=8,
+    epochs=2, batch_size=8, threads=None,
 )  # fmt: skip
 _FULL = _Settings(
     train_per_family=1000, test_per_family=100, hidden=64, steps=10, epochs=100,
