@@ -215,3 +215,12 @@ def test_bad_inputs():
     big = gm.sample_mrfs("cycle", 21, 1, rng, with_marginals=False)
     with pytest.raises(ValueError, match="at most 20"):
         gm.exact_marginals(big)
+
+
+def test_exact_marginals_at_twenty_nodes_equal_bp_on_a_path():
+    batch = gm.sample_mrfs("path", 20, 1, torch.Generator().manual_seed(5), coupling_std=2.0)
+    result = reference_loopy_bp(
+        batch.unary(), batch.pairwise(), batch.src, batch.dst, batch.reverse,
+        batch.node_graph, 1, tol=1e-13, max_iters=100,
+    )  # fmt: skip
+    assert torch.allclose(result.log_marginals.exp(), batch.marginals, atol=1e-10)

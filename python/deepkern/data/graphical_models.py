@@ -341,11 +341,12 @@ def exact_marginals(batch: MRFBatch, max_elements: int = 1 << 22) -> Tensor:
     """Exact marginals by enumerating every state of every graph.
 
     Graphs of the same size are processed together: the energies of a chunk of states for
-    all those graphs come from two matrix products (biases times spins, couplings over all
-    node pairs times the pair products of the spins), and the normaliser and the mass of
-    each node's +1 state are accumulated chunk by chunk, rescaled by a running maximum of
-    the energy, so memory stays near ``max_elements`` numbers whatever n is. Cost:
-    ``O(2^n n^2)`` per graph.
+    all those graphs come from two matrix products (biases times spins, couplings times the
+    spin products of the node pairs that carry an edge in any of those graphs), and the
+    normaliser and the mass of each node's +1 state are accumulated chunk by chunk, rescaled
+    by a running maximum of the energy, so memory stays near ``max_elements`` numbers
+    whatever n is. Cost: ``O(2^n (n + pairs))`` per graph, about a second for a path of 20
+    nodes on one CPU thread.
 
     Args:
         batch: the models; the number of nodes of each graph must be at most 20.
@@ -370,17 +371,18 @@ def exact_marginals(batch: MRFBatch, max_elements: int = 1 << 22) -> Tensor:
     for n in sorted(set(batch.sizes.tolist())):
         graphs = (batch.sizes == n).nonzero().flatten()
         starts = torch.tensor([offsets[g] for g in graphs.tolist()], device=device)
-        # Couplings of these graphs over all node pairs i < j: x.J.x counts each edge once.
-        pair_i, pair_j = torch.triu_indices(n, n, offset=1, device=device)
+        # Couplings of these graphs over the node pairs that hold an edge in any of them (all
+        # pairs i < j at worst): x.J.x counts each edge once.
         local = torch.full((batch.num_graphs,), -1, dtype=torch.int64, device=device)
         local[graphs] = torch.arange(graphs.numel(), device=device)
         keep = local[edge_graph] >= 0
         which = local[edge_graph[keep]]
         u = batch.edges[0, keep] - starts[which]
         v = batch.edges[1, keep] - starts[which]
-        pair = u * (2 * n - u - 1) // 2 + (v - u - 1)  # position of (u, v) in triu order
-        couplings = torch.zeros(graphs.numel(), pair_i.numel(), dtype=dtype, device=device)
-        couplings.index_put_((which, pair), batch.coupling[keep], accumulate=True)
+        pairs, column = torch.unique(u * n + v, return_inverse=True)
+        pair_i, pair_j = pairs // n, pairs % n
+        couplings = torch.zeros(graphs.numel(), pairs.numel(), dtype=dtype, device=device)
+        couplings.index_put_((which, column), batch.coupling[keep], accumulate=True)
         node_index = starts[:, None] + torch.arange(n, device=device)
         bias = batch.bias[node_index]  # [graphs, n]
 
