@@ -29,7 +29,7 @@ def _config(**kwargs):
 
 @pytest.mark.parametrize("kind", yoon.MODELS)
 def test_shapes_and_normalised_outputs(kind):
-    batch, smaller = _data(), _data(n=5, count=1)
+    batch, smaller = _data(), _data(n=7, count=1)
     model = _model(kind)
     for data in (batch, smaller):
         out = model(data)
@@ -68,12 +68,12 @@ def test_message_adjacency_on_hand_cases():
     assert len(pairs) == 6
     for a, b in pairs:
         assert dst[a] == src[b] and src[a] != dst[b]
-    # Star with centre 0 and leaves 1, 2, 3: leaf -> centre messages listen to nobody, the
-    # centre -> leaf ones to the two other leaves.
-    batch = gm.sample_mrfs("star", 4, 1, torch.Generator().manual_seed(0), with_marginals=False)
+    # Star with centre 0 and leaves 1 ... 5: leaf -> centre messages listen to nobody, the
+    # centre -> leaf ones to the four other leaves.
+    batch = gm.sample_mrfs("star", 6, 1, torch.Generator().manual_seed(0), with_marginals=False)
     from_edge, to_edge = yoon.message_adjacency(batch.src, batch.dst, batch.reverse)
-    counts = torch.bincount(to_edge, minlength=6)
-    assert torch.equal(counts, torch.where(batch.src == 0, 2, 0))
+    counts = torch.bincount(to_edge, minlength=10)
+    assert torch.equal(counts, torch.where(batch.src == 0, 4, 0))
     assert bool((batch.src[from_edge] != 0).all())
 
 
@@ -220,7 +220,7 @@ def test_bad_inputs_raise():
         yoon.build_model("edge")
     with pytest.raises(ValueError, match="hidden"):
         yoon.NodeGNN(hidden=0)
-    no_marginals = gm.sample_mrfs("cycle", 5, 2, torch.Generator(), with_marginals=False)
+    no_marginals = gm.sample_mrfs("cycle", 6, 2, torch.Generator(), with_marginals=False)
     with pytest.raises(ValueError, match="train_data"):
         yoon.train(_model(), _config(), no_marginals)
     with pytest.raises(ValueError, match="marginals"):
@@ -234,6 +234,7 @@ def test_bad_inputs_raise():
     [
         (["--hidden", "0"], "--hidden"),
         (["--test-sizes", "9", "24"], "--test-sizes"),
+        (["--train-n", "5"], "--train-n"),
         (["--bp-damping", "1.0"], "--bp-damping"),
         (["--held-out", *gm.FAMILIES], "--held-out"),
     ],

@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "FAMILIES",
     "LOOPY_FAMILIES",
+    "MIN_NODES",
     "MAX_EXACT_NODES",
     "MRFBatch",
     "family_graph",
@@ -56,8 +57,10 @@ FAMILIES = (
     "tripartite",
     "complete",
 )
-# Families whose graphs hold a cycle (for every n at which they are built, n >= 4).
+# Families whose graphs hold a cycle (for every n at which they are built, n >= MIN_NODES).
 LOOPY_FAMILIES = tuple(f for f in FAMILIES if f not in ("star", "random_tree", "path"))
+# Below 6 nodes a lollipop's clique is one edge and a barbell has no room for two triangles.
+MIN_NODES = 6
 MAX_EXACT_NODES = 20
 
 
@@ -106,7 +109,7 @@ def family_graph(
 
     Args:
         family: one of :data:`FAMILIES`.
-        n (int >= 4): number of nodes.
+        n (int >= 6): number of nodes.
         generator: the random source of ``random_tree`` (the others are fixed); None uses a
             generator seeded 0.
 
@@ -114,12 +117,12 @@ def family_graph(
         Sorted list of edges, each once, ``u < v``.
 
     Raises:
-        ValueError: unknown family, or n < 4.
+        ValueError: unknown family, or n < 6.
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if not isinstance(n, int) or n < 4:
-        raise ValueError(f"n must be an integer of at least 4, got {n!r}")
+    if not isinstance(n, int) or n < MIN_NODES:
+        raise ValueError(f"n must be an integer of at least {MIN_NODES}, got {n!r}")
     nx = _networkx()
     if family == "star":
         graph = nx.star_graph(n - 1)
@@ -277,7 +280,7 @@ def sample_mrfs(
     Args:
         families: a family or several; the batch holds ``count`` graphs of each, family by
             family.
-        n (int in [4, 20] with marginals, >= 4 without): nodes per graph.
+        n (int in [6, 20] with marginals, >= 6 without): nodes per graph.
         count (int >= 0): graphs per family.
         generator: the random source.
         coupling_std, bias_std (float >= 0): standard deviations (not variances).

@@ -36,7 +36,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from deepkern.data.graphical_models import FAMILIES, LOOPY_FAMILIES, MRFBatch, sample_mrfs
+from deepkern.data.graphical_models import (
+    FAMILIES,
+    LOOPY_FAMILIES,
+    MAX_EXACT_NODES,
+    MIN_NODES,
+    MRFBatch,
+    sample_mrfs,
+)
 from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
 
 __all__ = [
@@ -596,8 +603,11 @@ def _check_settings(settings: _Settings) -> None:
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     for n in (settings.train_n, *settings.test_sizes):
-        if not 4 <= n <= 20:
-            raise ValueError(f"--train-n and --test-sizes must lie in [4, 20] (exact), got {n}")
+        if not MIN_NODES <= n <= MAX_EXACT_NODES:
+            raise ValueError(
+                f"--train-n and --test-sizes must lie in [{MIN_NODES}, {MAX_EXACT_NODES}] "
+                f"(the smallest size of every family, the largest for exact marginals), got {n}"
+            )
     if not settings.test_sizes:
         raise ValueError("--test-sizes needs at least one size")
     if len(set(settings.held_out)) == len(FAMILIES):
