@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, rfgan, rle, scaling, vrp
+    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, rfgan, rle, scaling, vrp, yoon
 
     demo = commands.add_parser(
         "demo",
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("rle", rle, "residual log-likelihood estimation for keypoints (Li et al. 2021)"),
         ("ptrnet", ptrnet, "Pointer Networks on hulls, Delaunay and TSP (Vinyals et al. 2015)"),
         ("vrp", vrp, "reinforcement learning for the CVRP (Nazari et al. 2018)"),
+        ("yoon", yoon, "GNNs against loopy BP for MRF marginals (Yoon et al. 2018)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
