@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import kolmogorov, momentum_resnet, rfgan, rle, scaling
+    from deepkern.models import cpngnn, kolmogorov, momentum_resnet, rfgan, rle, scaling
 
     demo = commands.add_parser(
         "demo",
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("scaling", scaling, "depth scaling of trained ResNet weights (Cohen et al. 2021)"),
         ("rfgan", rfgan, "GANs with representative features (Bang and Shim 2018) against DCGAN"),
         ("rle", rle, "residual log-likelihood estimation for keypoints (Li et al. 2021)"),
+        ("cpngnn", cpngnn, "port-numbered GNNs for dominating set and vertex cover (Sato 2019)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
