@@ -183,8 +183,8 @@ def _cpngnn_parameters(in_dim: int, hidden: int, layers: int, max_degree: int) -
 
 def _gin_width(budget: int, in_dim: int, hidden: int, layers: int) -> int:
     """The MLP width w that brings a GIN's layer parameters closest to ``budget``."""
-    # Layer l holds eps, (in_l + 1) w weights and biases, and (w + 1) hidden: linear in w.
-    slope = sum((in_dim if l == 0 else hidden) + 1 + hidden for l in range(layers))
+    # Each layer holds eps, (in + 1) w weights and biases, and (w + 1) hidden: linear in w.
+    slope = sum((in_dim if depth == 0 else hidden) + 1 + hidden for depth in range(layers))
     fixed = layers * (1 + hidden)
     return max(1, round((budget - fixed) / slope))
 
@@ -229,12 +229,13 @@ class NodeSelector(nn.Module):
         budget = _cpngnn_parameters(in_dim, hidden, layers, max_degree)
         if kind == "cpngnn":
             self.layers = nn.ModuleList(
-                CPNGNNLayer(in_dim if l == 0 else hidden, hidden, max_degree) for l in range(layers)
+                CPNGNNLayer(in_dim if depth == 0 else hidden, hidden, max_degree)
+                for depth in range(layers)
             )
         else:
             width = _gin_width(budget, in_dim, hidden, layers)
             self.layers = nn.ModuleList(
-                GINLayer(in_dim if l == 0 else hidden, hidden, width) for l in range(layers)
+                GINLayer(in_dim if depth == 0 else hidden, hidden, width) for depth in range(layers)
             )
         self.readout = nn.Linear(hidden, 1)
         if generator is not None:
