@@ -268,15 +268,60 @@ def test_training_checks_its_inputs(training_set):
     model = cp.NodeSelector("cpngnn", 4, 1, 2)
     with pytest.raises(ValueError, match="above max_degree 2"):
         cp.train(model, _config(), graphs, labels)
-    with pytest.raises(ValueError, match="equal length"):
+    with pytest.raises(ValueError, match="one label per graph"):
         cp.train(model, _config(), graphs, labels[:-1])
+    with pytest.raises(ValueError, match="one label per graph"):
+        cp.train(model, _config(), graphs)
+    with pytest.raises(ValueError, match="empty"):
+        cp.train(model, _config(), [], [])
     with pytest.raises(ValueError, match=r"labels\[0\]"):
         cp.train(model, _config(), graphs[:1], [labels[0].float()])
 
 
+def test_relaxation_loss_by_hand():
+    # One edge 0-1 and an isolated node 2, with p = (0.5, 0.25, 0.75).
+    graph = G.port_numbering(3, [(0, 1)])
+    p = torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64)
+    logits = torch.log(p / (1 - p))
+    size = float(p.sum())
+    both_absent = 0.5 * 0.75
+    # Nodes 0 and 1 are undominated when both are absent; node 2 when it is absent.
+    undominated = 2 * both_absent + 0.25
+    expected = (size + 3.0 * undominated) / 3
+    assert cp.relaxation_loss("mds", graph, logits, 3.0).item() == pytest.approx(expected)
+    assert cp.relaxation_loss("mvc", graph, logits).item() == pytest.approx(
+        (size + both_absent) / 3
+    )
+
+
+def test_relaxation_training_needs_no_labels(training_set):
+    graphs, _ = training_set
+    model = cp.NodeSelector("cpngnn", 8, 2, 3, colouring=True, generator=_generator())
+    union = G.collate(graphs).graph
+    colour = torch.cat([G.weak_two_colouring(g) for g in graphs])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(cp.relaxation_loss("mvc", union, model(union, colour)))
+
+    before = loss()
+    cp.train(model, _config(objective="relaxation", epochs=4), graphs)
+    assert loss() < before
+    for graph in graphs[:5]:
+        assert cp.is_feasible("mvc", graph, cp.solve(model, "mvc", graph))
+
+
 @pytest.mark.parametrize(
     "field, value",
-    [("problem", "tsp"), ("epochs", -1), ("lr", 0.0), ("batch_size", 0), ("seed", -2)],
+    [
+        ("problem", "tsp"),
+        ("objective", "rl"),
+        ("penalty", 0.0),
+        ("epochs", -1),
+        ("lr", 0.0),
+        ("batch_size", 0),
+        ("seed", -2),
+    ],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
