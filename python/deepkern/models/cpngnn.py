@@ -592,6 +592,9 @@ def train(
             )
     device = torch.device(config.device)
     rank, world = _distributed()
+    if len(graphs) < world:
+        # Every process must take the same number of steps, or DDP waits forever.
+        raise ValueError(f"{len(graphs)} graphs cannot be shared among {world} processes")
     model.to(device)
     net: nn.Module = model
     if world > 1:
