@@ -82,22 +82,28 @@ def test_random_port_numberings_differ_and_repeat_with_the_seed():
     assert not torch.equal(first.port_table()[0], other.port_table()[0])
 
 
-def test_port_numbering_time_is_linear():
+def test_port_numbering_and_colouring_take_linear_time():
     def edges_of(n: int) -> list[tuple[int, int]]:
-        # A union of cycles: m = n, every degree 2.
+        # A union of cycles of 50 nodes: m = n, every degree 2.
         return [(v, v + 1 if (v + 1) % 50 else v - 49) for v in range(n)]
 
-    def seconds(n: int) -> float:
-        edges = edges_of(n)
+    def seconds(work) -> float:
         best = float("inf")
         for _ in range(3):
             started = time.perf_counter()
-            G.port_numbering(n, edges)
+            work()
             best = min(best, time.perf_counter() - started)
         return best
 
-    small, large = seconds(10_000), seconds(100_000)
+    small_edges, large_edges = edges_of(10_000), edges_of(100_000)
+    small = seconds(lambda: G.port_numbering(10_000, small_edges))
+    large = seconds(lambda: G.port_numbering(100_000, large_edges))
     # Ten times the edges: linear time gives about 10x; allow noise of a shared machine.
+    assert large < 25 * small
+    small_graph = G.port_numbering(10_000, small_edges)
+    large_graph = G.port_numbering(100_000, large_edges)
+    small = seconds(lambda: G.weak_two_colouring(small_graph))
+    large = seconds(lambda: G.weak_two_colouring(large_graph))
     assert large < 25 * small
 
 
