@@ -59,7 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=_info)
 
     from deepkern import bench
-    from deepkern.models import kolmogorov, momentum_resnet, ptrnet, rfgan, rle, scaling, vrp, yoon
+    from deepkern.models import (
+        cpngnn,
+        kolmogorov,
+        momentum_resnet,
+        ptrnet,
+        rfgan,
+        rle,
+        scaling,
+        vrp,
+        yoon,
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ptrnet", ptrnet, "Pointer Networks on hulls, Delaunay and TSP (Vinyals et al. 2015)"),
         ("vrp", vrp, "reinforcement learning for the CVRP (Nazari et al. 2018)"),
         ("yoon", yoon, "GNNs against loopy BP for MRF marginals (Yoon et al. 2018)"),
+        ("cpngnn", cpngnn, "port-numbered GNNs for dominating set and vertex cover (Sato 2019)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
