@@ -11,11 +11,11 @@ import random
 import networkx as nx
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern import cli
 from deepkern.data import graphs as G
 from deepkern.models import cpngnn as cp
+from tests.distributed import run_two_ranks
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -353,28 +353,17 @@ def test_resume_continues_exactly(training_set, tmp_path):
     assert os.listdir(tmp_path) == ["run.pt"]
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        graphs = [G.random_bounded_degree_graph(10, 3, 3.0, seed=k) for k in range(8)]
-        labels = [cp.exact_solution("mds", g)[0] for g in graphs]
-        model = cp.NodeSelector("cpngnn", 4, 2, 3, colouring=True, generator=_generator())
-        metrics = cp.train(model, _config(problem="mds", epochs=1, batch_size=2), graphs, labels)
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    graphs = [G.random_bounded_degree_graph(10, 3, 3.0, seed=k) for k in range(8)]
+    labels = [cp.exact_solution("mds", g)[0] for g in graphs]
+    model = cp.NodeSelector("cpngnn", 4, 2, 3, colouring=True, generator=_generator())
+    metrics = cp.train(model, _config(problem="mds", epochs=1, batch_size=2), graphs, labels)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial = dict(
         cp.NodeSelector(
             "cpngnn", 4, 2, 3, colouring=True, generator=_generator()

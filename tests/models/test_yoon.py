@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from deepkern import cli
 from deepkern.data import graphical_models as gm
 from deepkern.models import yoon
+from tests.distributed import run_two_ranks
 
 
 def _data(seed=0, n=6, count=4, families=("cycle", "grid", "complete", "star")):
@@ -151,26 +151,15 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"]
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = _model("node")
-        metrics = yoon.train(model, _config(epochs=1), _data())
-        params = {name: p.detach().clone() for name, p in model.named_parameters()}
-        torch.save({"params": params, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
-        # Both ranks leave together: a rank that tears gloo down while its peer still talks
-        # can abort the peer.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _train_on_rank() -> dict:
+    model = _model("node")
+    metrics = yoon.train(model, _config(epochs=1), _data())
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {"params": params, "metrics": metrics}
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    results = run_two_ranks(_train_on_rank, tmp_path)
     initial = dict(_model("node").named_parameters())
     changed = 0
     for name, p0 in results[0]["params"].items():

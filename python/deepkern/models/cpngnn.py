@@ -57,7 +57,14 @@ from torch import Tensor, nn
 
 from deepkern.data import graphs as G
 from deepkern.data.graphs import PortGraph
-from deepkern.models.training import environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    data_parallel,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 
 __all__ = [
     "PROBLEMS",
@@ -529,12 +536,6 @@ class TrainConfig:
             raise ValueError("resume needs a checkpoint path")
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _epoch_batches(count: int, config: TrainConfig, epoch: int, rank: int, world: int):
     """This process's batches of graph indices: a seeded shuffle, padded to split evenly."""
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
@@ -591,17 +592,12 @@ def train(
                 f"graphs[{k}] has degree {graph.max_degree()}, above max_degree {model.max_degree}"
             )
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if len(graphs) < world:
         # Every process must take the same number of steps, or DDP waits forever.
         raise ValueError(f"{len(graphs)} graphs cannot be shared among {world} processes")
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index or 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     colours = [G.weak_two_colouring(g) if model.colouring else None for g in graphs]
 
@@ -1016,19 +1012,6 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _maybe_init_distributed(settings: _Settings) -> bool:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if settings.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce cpngnn``: approximation ratios beside the proven bounds.
 
@@ -1036,19 +1019,15 @@ def run_reproduce(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args)
-    started_group = _maybe_init_distributed(settings)
-    try:
+    with process_group(settings):
         return _reproduce(args, settings)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
     started = time.perf_counter()
     progress = not getattr(args, "no_progress", False)
     results = _run_all(settings, progress)
-    if _distributed()[0] != 0:
+    if rank_and_world()[0] != 0:
         return 0
     print(
         f"approximation ratio = answer size / optimum (mean/max over the graphs), "

@@ -44,7 +44,15 @@ from deepkern.data.graphical_models import (
     MRFBatch,
     sample_mrfs,
 )
-from deepkern.models.training import SilentBar, environment, progress_bar, save_atomic
+from deepkern.models.training import (
+    SilentBar,
+    data_parallel,
+    environment,
+    process_group,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+)
 
 __all__ = [
     "NodeGNN",
@@ -303,12 +311,6 @@ class TrainConfig:
             raise ValueError(f"device: {error}") from error
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def kl_loss(log_predicted: Tensor, exact: Tensor) -> Tensor:
     """Mean over nodes of KL(exact || predicted), the training loss."""
     exact = exact.to(log_predicted.dtype)
@@ -362,14 +364,9 @@ def train(
         if data is not None and (not isinstance(data, MRFBatch) or data.marginals is None):
             raise ValueError(f"{label} must be an MRFBatch with exact marginals")
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index or 0] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    net = data_parallel(model, device, world)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     count = train_data.num_graphs
@@ -422,7 +419,7 @@ def train(
 def _train_epoch(net, optimizer, config, *, epoch, data, bar, name) -> dict:
     """One pass over this process's share of the batches; returns the mean training KL."""
     device = torch.device(config.device)
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     order = _epoch_order(data.num_graphs, config.seed, epoch)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     # Every process takes the same number of steps, so that DDP's all-reduces pair up.
@@ -748,20 +745,6 @@ def _claims(settings: _Settings, summaries: list[dict]) -> list[tuple[str, str, 
     return out
 
 
-def _maybe_init_distributed(settings: _Settings) -> bool:
-    """Join the process group that torchrun describes in the environment, if any."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if settings.device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_reproduce(args: argparse.Namespace) -> int:
     """``deepkern reproduce yoon``: train both GNNs, score them and BP per family, print.
 
@@ -771,16 +754,12 @@ def run_reproduce(args: argparse.Namespace) -> int:
     settings = _resolve(args)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    started_group = _maybe_init_distributed(settings)
-    try:
+    with process_group(settings):
         return _reproduce(args, settings)
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
-    rank, _ = _distributed()
+    rank, _ = rank_and_world()
     progress = not getattr(args, "no_progress", False)
     started = time.perf_counter()
     train_data, tests = _make_data(settings)
