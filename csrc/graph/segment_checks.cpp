@@ -30,8 +30,8 @@ void check_index(const at::Tensor& t, const char* name, const at::Tensor& ref,
 }
 
 // The value checks, on a CPU tensor: reading in place costs a pass over N + E integers.
-void check_structure_cpu(const at::Tensor& rowptr, int64_t rows, const at::Tensor& col,
-                         int64_t columns) {
+void check_structure_cpu(const at::Tensor& rowptr, int64_t rows, const char* rows_what,
+                         const at::Tensor& col, int64_t columns) {
   const at::Tensor ptr = rowptr.contiguous();
   const int64_t* p = ptr.const_data_ptr<int64_t>();
   const int64_t segments = ptr.numel() - 1;
@@ -40,8 +40,8 @@ void check_structure_cpu(const at::Tensor& rowptr, int64_t rows, const at::Tenso
     TORCH_CHECK(p[i] <= p[i + 1], "rowptr must be nondecreasing, got rowptr[", i, "] = ", p[i],
                 " > rowptr[", i + 1, "] = ", p[i + 1]);
   }
-  TORCH_CHECK(p[segments] == rows, "rowptr must end at ", rows,
-              " (the number of rows), got rowptr[-1] = ", p[segments]);
+  TORCH_CHECK(p[segments] == rows, "rowptr must end at ", rows, " (", rows_what,
+              "), got rowptr[-1] = ", p[segments]);
   if (!col.defined()) return;
 
   const at::Tensor c = col.contiguous();
@@ -55,11 +55,11 @@ void check_structure_cpu(const at::Tensor& rowptr, int64_t rows, const at::Tenso
 // Reads rowptr (and col) values. On a GPU every condition joins one device reduction, read back
 // with one host synchronisation; only when it fails are the tensors copied to the host to name
 // the offending entry.
-void check_structure(const at::Tensor& rowptr, int64_t rows, const at::Tensor& col,
-                     int64_t columns) {
+void check_structure(const at::Tensor& rowptr, int64_t rows, const char* rows_what,
+                     const at::Tensor& col, int64_t columns) {
   TORCH_CHECK(rowptr.numel() >= 1, "rowptr must hold N + 1 >= 1 row pointers, got an empty tensor");
   if (rowptr.is_cpu()) {
-    check_structure_cpu(rowptr, rows, col, columns);
+    check_structure_cpu(rowptr, rows, rows_what, col, columns);
     return;
   }
   const int64_t segments = rowptr.numel() - 1;
@@ -71,7 +71,7 @@ void check_structure(const at::Tensor& rowptr, int64_t rows, const at::Tensor& c
     bad = bad.logical_or(col.min() < 0).logical_or(col.max() >= columns);
   }
   if (bad.item<bool>()) {
-    check_structure_cpu(rowptr.cpu(), rows, col.defined() ? col.cpu() : col, columns);
+    check_structure_cpu(rowptr.cpu(), rows, rows_what, col.defined() ? col.cpu() : col, columns);
   }
 }
 
@@ -111,7 +111,7 @@ void check_segment_inputs(const at::Tensor& values, const at::Tensor& rowptr, in
   check_reduce(reduce);
   check_float(values, "values");
   check_index(rowptr, "rowptr", values, "values");
-  check_structure(rowptr, values.size(0), at::Tensor(), 0);
+  check_structure(rowptr, values.size(0), "the rows of values", at::Tensor(), 0);
 }
 
 void check_segment_backward_inputs(const at::Tensor& grad_out, const at::Tensor& rowptr,
@@ -120,7 +120,7 @@ void check_segment_backward_inputs(const at::Tensor& grad_out, const at::Tensor&
   check_float(grad_out, "grad_out");
   check_output_grad(grad_out, rowptr, arg, reduce);
   TORCH_CHECK(rows >= 0, "rows must be nonnegative, got ", rows);
-  check_structure(rowptr, rows, at::Tensor(), 0);
+  check_structure(rowptr, rows, "rows", at::Tensor(), 0);
 }
 
 void check_gather_inputs(const at::Tensor& x, const at::Tensor& rowptr, const at::Tensor& col,
@@ -134,7 +134,7 @@ void check_gather_inputs(const at::Tensor& x, const at::Tensor& rowptr, const at
     check_same_device(*weight, "weight", x, "x");
     check_same_shape(*weight, "weight", col, "col");
   }
-  check_structure(rowptr, col.numel(), col, x.size(0));
+  check_structure(rowptr, col.numel(), "the number of edges, the length of col", col, x.size(0));
 }
 
 void check_gather_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
