@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -48,6 +50,43 @@ void fill_empty(T* out, int64_t* arg, int64_t features) {
   if (arg != nullptr) std::fill(arg, arg + features, int64_t(-1));
 }
 
+// Max and min over one segment, in tiles of kTile features kept in local arrays. The running
+// arg is an offset into the segment of the width of T, so that the compare-and-select over a
+// tile vectorises (a 64-bit index beside float32 values does not).
+constexpr int64_t kTile = 64;
+
+template <int64_t reduce, typename index_t, typename T>
+void extreme_of_segment(const T* source, const int64_t* offset, const T* scale, int64_t first,
+                        int64_t last, int64_t features, T* out, int64_t* arg) {
+  for (int64_t f0 = 0; f0 < features; f0 += kTile) {
+    const int64_t n = std::min(kTile, features - f0);
+    T best[kTile];
+    index_t where[kTile];
+    for (int64_t r = first; r < last; ++r) {
+      const T* __restrict__ v = source + (offset ? offset[r] : r) * features + f0;
+      const T w = scale ? scale[r] : T(1);
+      const index_t k = static_cast<index_t>(r - first);
+      if (r == first) {
+        for (int64_t f = 0; f < n; ++f) {
+          best[f] = w * v[f];
+          where[f] = 0;
+        }
+        continue;
+      }
+      for (int64_t f = 0; f < n; ++f) {
+        const T value = w * v[f];
+        const bool take = replaces<reduce>(value, best[f]);
+        best[f] = take ? value : best[f];
+        where[f] = take ? k : where[f];
+      }
+    }
+    for (int64_t f = 0; f < n; ++f) {
+      out[f0 + f] = best[f];
+      arg[f0 + f] = first + where[f];
+    }
+  }
+}
+
 // out[i] = reduce over rows r of segment i of rows[r] * scale[r] (scale 1 when null), where row
 // r starts at source + offset[r] * features (offset the identity when null). The segment op is
 // the unit-weight identity-offset case; gather-reduce reads x[col[e]] * weight[e].
@@ -63,6 +102,15 @@ void reduce_segments(const T* source, const int64_t* offset, const T* scale, con
       int64_t* __restrict__ a = has_arg(reduce) ? arg + i * features : nullptr;
       if (first == last) {
         fill_empty(o, a, features);
+        continue;
+      }
+      if constexpr (has_arg(reduce)) {
+        using narrow_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+        if (last - first <= std::numeric_limits<narrow_t>::max()) {
+          extreme_of_segment<reduce, narrow_t>(source, offset, scale, first, last, features, o, a);
+        } else {
+          extreme_of_segment<reduce, int64_t>(source, offset, scale, first, last, features, o, a);
+        }
         continue;
       }
       for (int64_t r = first; r < last; ++r) {
@@ -86,20 +134,34 @@ void reduce_segments(const T* source, const int64_t* offset, const T* scale, con
 }
 
 // grad_values[r] = row_gradient(grad_out[i]) for every row r of segment i; each row belongs to
-// one segment, so each element is written once.
+// one segment, so each element is written once. Sum and mean compute the first row and copy it;
+// max and min zero the segment and place each gradient at its arg row (an arg outside the
+// segment, which the forward never produces, sends nothing).
 template <int64_t reduce, typename T>
 void expand_segments(const T* grad, const int64_t* arg, const int64_t* rowptr, int64_t segments,
                      int64_t features, T* out) {
   const int64_t grain = grain_for(segments, rowptr[segments] * features);
   at::parallel_for(0, segments, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t count = rowptr[i + 1] - rowptr[i];
+      const int64_t first = rowptr[i];
+      const int64_t last = rowptr[i + 1];
       const T* __restrict__ g = grad + i * features;
-      const int64_t* a = has_arg(reduce) ? arg + i * features : nullptr;
-      for (int64_t r = rowptr[i]; r < rowptr[i + 1]; ++r) {
-        T* __restrict__ o = out + r * features;
+      T* __restrict__ rows = out + first * features;
+      if (first == last) continue;
+      if constexpr (has_arg(reduce)) {
+        const int64_t* a = arg + i * features;
+        std::fill(rows, rows + (last - first) * features, T(0));
         for (int64_t f = 0; f < features; ++f) {
-          o[f] = row_gradient<reduce>(g[f], count, arg_at<reduce>(a, f), r);
+          if (a[f] >= first && a[f] < last) {
+            out[a[f] * features + f] = row_gradient<reduce>(g[f], last - first, a[f], a[f]);
+          }
+        }
+      } else {
+        for (int64_t f = 0; f < features; ++f) {
+          rows[f] = row_gradient<reduce>(g[f], last - first, -1, first);
+        }
+        for (int64_t r = 1; r < last - first; ++r) {
+          std::copy(rows, rows + features, rows + r * features);
         }
       }
     }

@@ -149,9 +149,9 @@ at::Tensor arg_for(int64_t reduce, const at::Tensor& out) {
   return at::empty({0}, out.options().dtype(at::kLong));
 }
 
+template <const char* op_name>
 TensorPair launch_reduce(const at::Tensor& source, const at::Tensor& offset,
-                         const at::Tensor& scale, const at::Tensor& rowptr, int64_t reduce,
-                         const char* op_name) {
+                         const at::Tensor& scale, const at::Tensor& rowptr, int64_t reduce) {
   const int64_t segments = rowptr.numel() - 1;
   const int64_t features = row_features(source);
   at::Tensor out = at::empty(with_rows(source, segments), source.options());
@@ -181,8 +181,8 @@ TensorPair segment_reduce_cuda(const at::Tensor& values, const at::Tensor& rowpt
   check_segment_inputs(values, rowptr, reduce);
   check_device_type(values, "values", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(values.device());
-  return launch_reduce(values.contiguous(), at::Tensor(), at::Tensor(), rowptr.contiguous(), reduce,
-                       kSegmentName);
+  return launch_reduce<kSegmentName>(values.contiguous(), at::Tensor(), at::Tensor(),
+                                     rowptr.contiguous(), reduce);
 }
 
 at::Tensor segment_reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& rowptr,
@@ -221,8 +221,8 @@ TensorPair gather_reduce_cuda(const at::Tensor& x, const at::Tensor& rowptr, con
   check_gather_inputs(x, rowptr, col, weight, reduce);
   check_device_type(x, "x", c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
-  return launch_reduce(x.contiguous(), col.contiguous(), optional_weight(weight),
-                       rowptr.contiguous(), reduce, kGatherName);
+  return launch_reduce<kGatherName>(x.contiguous(), col.contiguous(), optional_weight(weight),
+                                    rowptr.contiguous(), reduce);
 }
 
 TensorPair gather_reduce_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,

@@ -32,6 +32,7 @@ __all__ = ["FAMILIES", "AgreementError", "add_arguments", "collect", "main", "ru
 FAMILIES: dict[str, str] = {
     "momentum": "deepkern.bench.momentum",
     "sde": "deepkern.bench.sde",
+    "graph": "deepkern.bench.graph",
 }
 
 
