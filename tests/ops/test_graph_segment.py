@@ -217,6 +217,25 @@ def test_gradcheck(reduce):
 
 
 @pytest.mark.parametrize("reduce", graph.REDUCTIONS)
+def test_gradgradcheck(reduce):
+    g = torch.Generator().manual_seed(9)
+    rowptr = torch.tensor([0, 3, 3, 4, 8])
+    values = torch.randn(8, 2, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda v: graph.segment_reduce(v, rowptr, reduce), (values,)
+    )
+    x = torch.randn(5, 2, generator=g, dtype=F64, requires_grad=True)
+    col = torch.tensor([4, 0, 2, 2, 1, 0, 3, 4])
+    weight = torch.randn(8, generator=g, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: graph.gather_reduce(x, rowptr, col, w, reduce), (x, weight)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda x: graph.gather_reduce(x, rowptr, col, None, reduce), (x,)
+    )
+
+
+@pytest.mark.parametrize("reduce", graph.REDUCTIONS)
 def test_gradients_match_the_reference(reduce):
     g = torch.Generator().manual_seed(6)
     rowptr = _random_rowptr(30, 6, g)

@@ -255,11 +255,104 @@ def _gather_backward(ctx, grad_out, grad_arg):
     return (grad_x if x_grad else None), None, None, (grad_weight if weight_grad else None), None
 
 
+# The backward ops are linear in grad_out; their own gradients make double backward work
+# (gradient penalties, Hessian-vector products). Max and min hold the arg fixed.
+
+
+def _pick_at_arg(source: Tensor, arg: Tensor, rows: Tensor | None = None) -> Tensor:
+    """source[index, f] at index = arg[i, f] (rows[arg] when given), 0 where arg is -1."""
+    valid = arg >= 0
+    if source.shape[0] == 0 or arg.numel() == 0:
+        return source.new_zeros(arg.shape)
+    index = arg.clamp(min=0)
+    if rows is not None:
+        index = rows[index]
+    return torch.where(valid, source.gather(0, index), 0)
+
+
+def _segment_backward_setup(ctx, inputs, output):
+    grad_out, rowptr, arg, reduce, rows = inputs
+    ctx.reduce = reduce
+    ctx.save_for_backward(rowptr, arg)
+
+
+def _segment_double_backward(ctx, grad_grad_values):
+    rowptr, arg = ctx.saved_tensors
+    if ctx.reduce in (2, 3):
+        grad = _pick_at_arg(grad_grad_values, arg)
+    else:
+        grad = torch.ops.deepkern.segment_reduce(grad_grad_values, rowptr, ctx.reduce)[0]
+    return grad, None, None, None, None
+
+
+def _gather_backward_setup(ctx, inputs, output):
+    grad_out, x, rowptr, col, weight, arg, reduce, _, _ = inputs
+    ctx.reduce = reduce
+    ctx.save_for_backward(grad_out, x, rowptr, col, weight, arg)
+
+
+def _gather_double_backward(ctx, grad_grad_x, grad_grad_weight):
+    grad_out, x, rowptr, col, weight, arg = ctx.saved_tensors
+    reduce = ctx.reduce
+    # Outputs that were not asked for are empty; their incoming gradients carry nothing.
+    if grad_grad_x is not None and grad_grad_x.shape != x.shape:
+        grad_grad_x = None
+    if grad_grad_weight is not None and grad_grad_weight.shape != col.shape:
+        grad_grad_weight = None
+
+    # grad_x = sum over edges into v of weight[e] G_e and grad_weight[e] = <G_e, x[col e]>,
+    # with G_e the gradient out[row e] sends to edge e, linear in grad_out.
+    grad_grad_out = grad_out.new_zeros(grad_out.shape)
+    if reduce in (2, 3):
+        if grad_grad_x is not None:
+            scale = (
+                1.0
+                if weight is None
+                else _pick_at_arg(
+                    weight.view(-1, *([1] * (arg.dim() - 1))).expand(-1, *arg.shape[1:]), arg
+                )
+            )
+            grad_grad_out = grad_grad_out + scale * _pick_at_arg(grad_grad_x, arg, col)
+        if grad_grad_weight is not None:
+            wide = grad_grad_weight.view(-1, *([1] * (arg.dim() - 1))).expand(-1, *arg.shape[1:])
+            grad_grad_out = grad_grad_out + _pick_at_arg(wide, arg) * _pick_at_arg(x, arg, col)
+    else:
+        if grad_grad_x is not None:
+            grad_grad_out = grad_grad_out + gather_reduce(
+                grad_grad_x, rowptr, col, weight, REDUCTIONS[reduce]
+            )
+        if grad_grad_weight is not None:
+            grad_grad_out = grad_grad_out + gather_reduce(
+                x, rowptr, col, grad_grad_weight, REDUCTIONS[reduce]
+            )
+
+    grad_x = grad_weight = None
+    if grad_grad_weight is not None and ctx.needs_input_grad[1]:
+        grad_x = torch.ops.deepkern.gather_reduce_backward(
+            grad_out, x, rowptr, col, grad_grad_weight, arg, reduce, True, False
+        )[0]
+    if grad_grad_x is not None and weight is not None and ctx.needs_input_grad[4]:
+        grad_weight = torch.ops.deepkern.gather_reduce_backward(
+            grad_out, grad_grad_x, rowptr, col, weight, arg, reduce, False, True
+        )[1]
+    return grad_grad_out, grad_x, None, None, grad_weight, None, None, None, None
+
+
 torch.library.register_autograd(
     "deepkern::segment_reduce", _segment_backward, setup_context=_segment_setup
 )
 torch.library.register_autograd(
     "deepkern::gather_reduce", _gather_backward, setup_context=_gather_setup
+)
+torch.library.register_autograd(
+    "deepkern::segment_reduce_backward",
+    _segment_double_backward,
+    setup_context=_segment_backward_setup,
+)
+torch.library.register_autograd(
+    "deepkern::gather_reduce_backward",
+    _gather_double_backward,
+    setup_context=_gather_backward_setup,
 )
 
 
