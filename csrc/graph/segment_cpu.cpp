@@ -117,13 +117,9 @@ void reduce_segments(const T* source, const int64_t* offset, const T* scale, con
         const T* __restrict__ v = source + (offset ? offset[r] : r) * features;
         const T w = scale ? scale[r] : T(1);
         if (r == first) {
-          for (int64_t f = 0; f < features; ++f) {
-            start<reduce>(w * v[f], r, o + f, has_arg(reduce) ? a + f : nullptr);
-          }
+          for (int64_t f = 0; f < features; ++f) start<reduce>(w * v[f], r, o + f, nullptr);
         } else {
-          for (int64_t f = 0; f < features; ++f) {
-            accumulate<reduce>(w * v[f], r, o + f, has_arg(reduce) ? a + f : nullptr);
-          }
+          for (int64_t f = 0; f < features; ++f) accumulate<reduce>(w * v[f], r, o + f, nullptr);
         }
       }
       if constexpr (reduce == kMean) {

@@ -14,8 +14,9 @@ def test_graph_benchmark_quick_runs_every_variant_and_writes_json(tmp_path):
     payload = json.loads(path.read_text())
     assert payload["family"] == "graph"
     rows = payload["rows"]
-    # Two cases, three reductions, forward and forward+backward.
-    assert len(rows) == 2 * 3 * 2
+    # Three cases (one of them gathering from node features), three reductions, two modes.
+    assert len(rows) == 3 * 3 * 2
+    assert sum(row["case"].startswith("gather") for row in rows) == 3 * 2
     assert {row["reduce"] for row in rows} == {"sum", "mean", "max"}
     for row in rows:
         assert "error" not in row, row

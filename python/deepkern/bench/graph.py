@@ -5,9 +5,10 @@ forward alone and forward plus backward, against what PyTorch offers for the sam
 
 Two workloads: the readout of a batch of small graphs (one segment per graph over its node
 features) and the neighbour aggregation of one large sparse graph (one segment per node over
-the messages of its incoming edges). Segments are never empty here, so that every library's
-convention for empty segments gives the same answer. Every variant's output and gradient are
-checked against ours before anything is timed.
+the messages of its incoming edges), the latter also from node features: ``gather_reduce``
+fused against ``x[col]`` followed by each other variant. Segments are never empty here, so
+that every library's convention for empty segments gives the same answer. Every variant's
+output and gradient are checked against ours before anything is timed.
 """
 
 from __future__ import annotations
@@ -25,16 +26,20 @@ HELP = "segment sum, mean and max: the CSR kernels against index_add, scatter_re
 REDUCTIONS = ("sum", "mean", "max")
 VARIANTS = ("ours", "index_add", "scatter_reduce", "torch.segment_reduce", "torch_scatter")
 
-# (name, segments, smallest segment, largest segment, features)
+# (name, segments, smallest segment, largest segment, features, gather): with gather set, the
+# rows are the messages x[col[e]] of the edges of a graph with one node per segment, which
+# gather_reduce reads from x directly and the others gather first (x[col], then reduce).
 _DEFAULT_CASES = [
-    ("1e3 graphs of 10-100 nodes", 1_000, 10, 100, 16),
-    ("1e4 graphs of 10-100 nodes", 10_000, 10, 100, 16),
-    ("1e5 graphs of 10 nodes", 100_000, 10, 10, 16),
-    ("sparse graph 1e5 nodes 1e6 edges", 100_000, 1, 19, 16),
+    ("1e3 graphs of 10-100 nodes", 1_000, 10, 100, 16, False),
+    ("1e4 graphs of 10-100 nodes", 10_000, 10, 100, 16, False),
+    ("1e5 graphs of 10 nodes", 100_000, 10, 10, 16, False),
+    ("sparse graph 1e5 nodes 1e6 edges", 100_000, 1, 19, 16, False),
+    ("gather: same graph, x[col] fused", 100_000, 1, 19, 16, True),
 ]
 _QUICK_CASES = [
-    ("50 graphs of 5-10 nodes", 50, 5, 10, 4),
-    ("sparse graph 500 nodes", 500, 1, 9, 4),
+    ("50 graphs of 5-10 nodes", 50, 5, 10, 4, False),
+    ("sparse graph 500 nodes", 500, 1, 9, 4, False),
+    ("gather: same graph, x[col] fused", 500, 1, 9, 4, True),
 ]
 
 
@@ -90,12 +95,28 @@ def _variants(values: torch.Tensor, rowptr: torch.Tensor, reduce: str) -> dict[s
     return variants
 
 
+def _gathered(variants: dict[str, Callable], rowptr, col, reduce) -> dict[str, Callable]:
+    """The variants on x: ours fused, the others after materialising the messages x[col]."""
+    fused = {"ours": lambda v: graph.gather_reduce(v, rowptr, col, None, reduce)}
+    others = {
+        k: (lambda v, fn=fn: fn(v.index_select(0, col)))
+        for k, fn in variants.items()
+        if k != "ours"
+    }
+    return fused | others
+
+
 def _make_case(segments, smallest, largest, features, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(smallest, largest + 1, (segments,), generator=g)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     values = torch.randn(int(rowptr[-1]), features, generator=g)
-    return values.to(device), rowptr.to(device)
+    # Distinct sources within each row: a node gathered twice would tie with itself in max,
+    # where the libraries split the gradient differently.
+    first = torch.repeat_interleave(torch.randint(0, segments, (segments,), generator=g), counts)
+    step = torch.arange(int(rowptr[-1])) - torch.repeat_interleave(rowptr[:-1], counts)
+    col = torch.randperm(segments, generator=g)[(first + step) % segments]
+    return values.to(device), rowptr.to(device), col.to(device)
 
 
 def _with_backward(fn: Callable, values: torch.Tensor, grad_out: torch.Tensor) -> Callable:
@@ -130,13 +151,17 @@ def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common
     env = common.environment(device)
     rows = []
 
-    for name, segments, smallest, largest, features in cases:
-        values, rowptr = _make_case(segments, smallest, largest, features, device)
+    for name, segments, smallest, largest, features, gather in cases:
+        values, rowptr, col = _make_case(segments, smallest, largest, features, device)
         grad_out = torch.randn(segments, features, device=device)
+        # The tensor the variants take and differentiate: the rows, or x to gather them from.
+        inputs = torch.randn(segments, features, device=device) if gather else values
         for reduce in args.reductions:
             variants = _variants(values, rowptr, reduce)
+            if gather:
+                variants = _gathered(variants, rowptr, col, reduce)
             try:
-                _check_agreement(variants, values, grad_out)
+                _check_agreement(variants, inputs, grad_out)
             except Exception as error:  # a failed case is reported in its row, not hidden
                 for mode in modes:
                     rows.append({"case": name, "reduce": reduce, "mode": mode})
@@ -146,9 +171,9 @@ def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common
                 progress(f"{name}: {reduce} {mode}")
                 row = {"case": name, "reduce": reduce, "mode": mode, "rows": values.shape[0]}
                 if mode == "forward":
-                    calls = {k: (lambda fn=fn, v=values: fn(v)) for k, fn in variants.items()}
+                    calls = {k: (lambda fn=fn, v=inputs: fn(v)) for k, fn in variants.items()}
                 else:
-                    calls = {k: _with_backward(fn, values, grad_out) for k, fn in variants.items()}
+                    calls = {k: _with_backward(fn, inputs, grad_out) for k, fn in variants.items()}
                 timings = common.time_calls(calls, min_run_time=min_run_time)
                 for variant, timing in timings.items():
                     row[f"{variant}_s"] = timing.median
