@@ -106,17 +106,28 @@ def _gathered(variants: dict[str, Callable], rowptr, col, reduce) -> dict[str, C
     return fused | others
 
 
+def _distinct_values(rows: int, features: int, generator) -> torch.Tensor:
+    """Shuffled multiples of 1 / (rows * features): no ties, which the libraries break
+    differently in the gradient of max (float32 normals tie a few times among 10^7 values).
+    Exact in float32 up to 2^24 values, which every case stays under."""
+    count = rows * features
+    if count > 2**24:
+        raise ValueError(f"a case of {count} values exceeds the 2^24 distinct float32 values")
+    return torch.randperm(count, generator=generator).view(rows, features).float() / count
+
+
 def _make_case(segments, smallest, largest, features, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     counts = torch.randint(smallest, largest + 1, (segments,), generator=g)
     rowptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    values = torch.randn(int(rowptr[-1]), features, generator=g)
+    values = _distinct_values(int(rowptr[-1]), features, g)
     # Distinct sources within each row: a node gathered twice would tie with itself in max,
     # where the libraries split the gradient differently.
     first = torch.repeat_interleave(torch.randint(0, segments, (segments,), generator=g), counts)
     step = torch.arange(int(rowptr[-1])) - torch.repeat_interleave(rowptr[:-1], counts)
     col = torch.randperm(segments, generator=g)[(first + step) % segments]
-    return values.to(device), rowptr.to(device), col.to(device)
+    x = _distinct_values(segments, features, g)
+    return values.to(device), rowptr.to(device), col.to(device), x.to(device)
 
 
 def _with_backward(fn: Callable, values: torch.Tensor, grad_out: torch.Tensor) -> Callable:
@@ -152,10 +163,10 @@ def collect(args: argparse.Namespace, progress: Callable[[str], None]) -> common
     rows = []
 
     for name, segments, smallest, largest, features, gather in cases:
-        values, rowptr, col = _make_case(segments, smallest, largest, features, device)
+        values, rowptr, col, x = _make_case(segments, smallest, largest, features, device)
         grad_out = torch.randn(segments, features, device=device)
         # The tensor the variants take and differentiate: the rows, or x to gather them from.
-        inputs = torch.randn(segments, features, device=device) if gather else values
+        inputs = x if gather else values
         for reduce in args.reductions:
             variants = _variants(values, rowptr, reduce)
             if gather:
