@@ -235,6 +235,23 @@ def test_gradgradcheck(reduce):
     )
 
 
+def test_double_backward_without_edges_or_rows():
+    for reduce in graph.REDUCTIONS:
+        x = torch.randn(3, 2, dtype=F64, requires_grad=True)
+        weight = torch.zeros(0, dtype=F64, requires_grad=True)
+        empty = torch.zeros(0, dtype=torch.int64)
+        out = graph.gather_reduce(x, torch.zeros(3, dtype=torch.int64), empty, weight, reduce)
+        (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        assert not grad_x.any()
+        (second,) = torch.autograd.grad(grad_x.sum(), x, allow_unused=True)
+        assert second is None or not second.any()
+
+        values = torch.zeros(0, 2, dtype=F64, requires_grad=True)
+        out = graph.segment_reduce(values, torch.zeros(4, dtype=torch.int64), reduce)
+        (grad_values,) = torch.autograd.grad((out**2).sum(), values, create_graph=True)
+        assert grad_values.shape == (0, 2)
+
+
 @pytest.mark.parametrize("reduce", graph.REDUCTIONS)
 def test_gradients_match_the_reference(reduce):
     g = torch.Generator().manual_seed(6)

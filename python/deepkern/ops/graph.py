@@ -262,12 +262,17 @@ def _gather_backward(ctx, grad_out, grad_arg):
 def _pick_at_arg(source: Tensor, arg: Tensor, rows: Tensor | None = None) -> Tensor:
     """source[index, f] at index = arg[i, f] (rows[arg] when given), 0 where arg is -1."""
     valid = arg >= 0
-    if source.shape[0] == 0 or arg.numel() == 0:
-        return source.new_zeros(arg.shape)
+    if source.shape[0] == 0 or arg.numel() == 0 or (rows is not None and rows.numel() == 0):
+        return source.new_zeros(arg.shape)  # then every arg is -1
     index = arg.clamp(min=0)
     if rows is not None:
         index = rows[index]
     return torch.where(valid, source.gather(0, index), 0)
+
+
+def _per_edge(edge_values: Tensor, like: Tensor) -> Tensor:
+    """A per-edge tensor [E] broadcast to [E, *like.shape[1:]] (a view)."""
+    return edge_values.view(-1, *([1] * (like.dim() - 1))).expand(-1, *like.shape[1:])
 
 
 def _segment_backward_setup(ctx, inputs, output):
@@ -305,17 +310,13 @@ def _gather_double_backward(ctx, grad_grad_x, grad_grad_weight):
     grad_grad_out = grad_out.new_zeros(grad_out.shape)
     if reduce in (2, 3):
         if grad_grad_x is not None:
-            scale = (
-                1.0
-                if weight is None
-                else _pick_at_arg(
-                    weight.view(-1, *([1] * (arg.dim() - 1))).expand(-1, *arg.shape[1:]), arg
-                )
-            )
-            grad_grad_out = grad_grad_out + scale * _pick_at_arg(grad_grad_x, arg, col)
+            picked = _pick_at_arg(grad_grad_x, arg, col)
+            if weight is not None:
+                picked = picked * _pick_at_arg(_per_edge(weight, arg), arg)
+            grad_grad_out = grad_grad_out + picked
         if grad_grad_weight is not None:
-            wide = grad_grad_weight.view(-1, *([1] * (arg.dim() - 1))).expand(-1, *arg.shape[1:])
-            grad_grad_out = grad_grad_out + _pick_at_arg(wide, arg) * _pick_at_arg(x, arg, col)
+            scale = _pick_at_arg(_per_edge(grad_grad_weight, arg), arg)
+            grad_grad_out = grad_grad_out + scale * _pick_at_arg(x, arg, col)
     else:
         if grad_grad_x is not None:
             grad_grad_out = grad_grad_out + gather_reduce(
