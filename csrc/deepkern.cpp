@@ -44,6 +44,17 @@ TORCH_LIBRARY(deepkern, m) {
       " -> Tensor");
 
   // graph: deterministic CSR segment reductions and fused gather-reduce.
+  m.def("segment_reduce(Tensor values, Tensor rowptr, int reduce) -> (Tensor out, Tensor arg)");
+  m.def(
+      "segment_reduce_backward(Tensor grad_out, Tensor rowptr, Tensor arg, int reduce, int rows)"
+      " -> Tensor");
+  m.def(
+      "gather_reduce(Tensor x, Tensor rowptr, Tensor col, Tensor? weight, int reduce)"
+      " -> (Tensor out, Tensor arg)");
+  m.def(
+      "gather_reduce_backward(Tensor grad_out, Tensor x, Tensor rowptr, Tensor col,"
+      " Tensor? weight, Tensor arg, int reduce, bool x_grad, bool weight_grad)"
+      " -> (Tensor grad_x, Tensor grad_weight)");
 
   //
   // graph: batched log-domain loopy belief propagation.

@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "bp": "deepkern.bench.bp",
     "momentum": "deepkern.bench.momentum",
     "sde": "deepkern.bench.sde",
+    "graph": "deepkern.bench.graph",
     "vrp": "deepkern.bench.vrp",
 }
 
