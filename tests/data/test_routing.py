@@ -263,3 +263,39 @@ def test_a_tsp_tour_is_one_route():
         instance.check([tour[:25], tour[25:]])
     with pytest.raises(InfeasibleSolutionError, match="never visited|receives"):
         instance.check([tour[:-1]])
+
+
+def _tiny_cvrp(tmp_path, *, coords=None, demands=None, capacity="10", depot=True) -> str:
+    coords = coords or ["1 0 0", "2 0 3", "3 4 0"]
+    demands = demands or ["1 0", "2 4", "3 5"]
+    lines = ["NAME : tiny", "TYPE : CVRP", f"DIMENSION : {len(coords)}"]
+    lines += ["EDGE_WEIGHT_TYPE : EUC_2D", f"CAPACITY : {capacity}", "NODE_COORD_SECTION"]
+    lines += coords + ["DEMAND_SECTION"] + demands
+    lines += ["DEPOT_SECTION", "1", "-1"] if depot else []
+    path = tmp_path / "tiny.vrp"
+    path.write_text("\n".join(lines + ["EOF"]) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(coords=["1 0 0", "1 0 3", "3 4 0"]), "line 8: node 1 already appears on line 7"),
+        (dict(coords=["1 0 0", "2 0 3", "30 4 0"]), "line 9: node 30 is outside 1..3"),
+        (dict(demands=["1 0", "2 -4", "3 5"]), r"line 12: node 2 has demand -4, outside 0\.\.10"),
+        (dict(demands=["1 0", "2 40", "3 5"]), "line 12: node 2 has demand 40"),
+        (dict(demands=["1 3", "2 4", "3 5"]), r"line 11: the depot \(node 1\) has demand 3"),
+        (dict(capacity="0"), "line 5: CAPACITY must be positive"),
+        (dict(depot=False), "needs a DEPOT_SECTION"),
+    ],
+)
+def test_bad_node_ids_demands_capacity_and_depot_name_the_line(tmp_path, changes, message):
+    pytest.importorskip("vrplib")
+    with pytest.raises(ValueError, match=message):
+        routing.read_instance(_tiny_cvrp(tmp_path, **changes))
+
+
+def test_a_well_formed_tiny_instance_reads(tmp_path):
+    pytest.importorskip("vrplib")
+    instance = routing.read_instance(_tiny_cvrp(tmp_path))
+    assert instance.num_customers == 2 and instance.capacity == 10

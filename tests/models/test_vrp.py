@@ -475,3 +475,39 @@ def _installed(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _tiny_instance(tmp_path) -> str:
+    lines = ["NAME : tiny", "TYPE : CVRP", "DIMENSION : 4", "EDGE_WEIGHT_TYPE : EUC_2D"]
+    lines += ["CAPACITY : 10", "NODE_COORD_SECTION", "1 0 0", "2 0 30", "3 40 0", "4 40 30"]
+    lines += ["DEMAND_SECTION", "1 0", "2 4", "3 5", "4 6", "DEPOT_SECTION", "1", "-1", "EOF"]
+    path = tmp_path / "tiny.vrp"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_route_refuses_an_unreadable_checkpoint_in_one_line(tmp_path, capsys):
+    from deepkern import cli
+
+    pytest.importorskip("vrplib")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(200)))
+    assert cli.main(["route", _tiny_instance(tmp_path), "--checkpoint", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a readable torch checkpoint" in err and "Traceback" not in err
+
+
+def test_route_keeps_its_answer_when_the_known_solution_is_broken(tmp_path, capsys):
+    from deepkern import cli
+
+    pytest.importorskip("vrplib")
+    instance = _tiny_instance(tmp_path)
+    (tmp_path / "tiny.sol").write_text("garbage\n")
+    out = tmp_path / "answer.sol"
+    assert cli.main(["route", instance, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "known solution beside the instance was not used" in printed
+    assert out.read_text().startswith("Route #1:")
+    missing = tmp_path / "nowhere" / "x.sol"
+    assert cli.main(["route", instance, "--out", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err

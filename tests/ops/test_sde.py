@@ -545,3 +545,15 @@ def test_cuda_draws_the_same_normal_bits_as_the_cpu(antithetic):
     cpu = sde.normals(like, 4, seed=77, first_step=3, antithetic=antithetic)
     gpu = sde.normals(like.cuda(), 4, seed=77, first_step=3, antithetic=antithetic)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize(
+    "name, value", [("steps", 2.5), ("steps", "10"), ("steps", True), ("save_every", 2.5)]
+)
+def test_counts_must_be_integers(name, value):
+    args = dict(h=0.1, steps=4, seed=1)
+    args[name] = value
+    with pytest.raises(ValueError, match=f"{name} must be an integer"):
+        sde.simulate(torch.zeros(3, 2), torch.tensor(1.0), **args)
+    with pytest.raises(ValueError, match="paths must be an integer"):
+        sde.monte_carlo(torch.zeros(1, 2), torch.tensor(1.0), h=0.1, steps=2, paths=100.9, seed=1)

@@ -403,6 +403,8 @@ def _scan(path: str, lines: list[str]) -> dict:
     """Check a TSPLIB/CVRPLIB file line by line; raise a ValueError naming the first bad line."""
     header: dict[str, tuple[str, int]] = {}
     section, section_line, counts = None, 0, {}
+    node_lines: dict[str, dict[int, int]] = {}
+    demand_lines: dict[int, tuple[int, int]] = {}
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         where = f"{path}, line {number}"
@@ -442,6 +444,14 @@ def _scan(path: str, lines: list[str]) -> dict:
                     f"{where}: {section} lines hold {size} values ({', '.join(kinds)}), "
                     f"got {line!r}"
                 )
+            # Node ids must name each node once; vrplib reads rows in order and would not say.
+            node = int(tokens[0])
+            seen = node_lines.setdefault(section, {})
+            if node in seen:
+                raise ValueError(f"{where}: node {node} already appears on line {seen[node]}")
+            seen[node] = number
+            if section == "DEMAND_SECTION":
+                demand_lines[node] = (int(tokens[1]), number)
         counts[section] = (counts[section][0] + 1, section_line)
 
     if "DIMENSION" not in header:
@@ -453,7 +463,13 @@ def _scan(path: str, lines: list[str]) -> dict:
                 f"{path}, line {counts[name][1]}: {name} has {counts[name][0]} lines, but "
                 f"DIMENSION (line {dimension_line}) says {dimension}"
             )
-    return {"header": header, "sections": counts}
+    for lines_of in node_lines.values():
+        for node, number in lines_of.items():
+            if not 1 <= node <= dimension:
+                raise ValueError(
+                    f"{path}, line {number}: node {node} is outside 1..{dimension} (DIMENSION)"
+                )
+    return {"header": header, "sections": counts, "demands": demand_lines}
 
 
 def read_instance(path: str | os.PathLike) -> RoutingInstance:
@@ -502,6 +518,23 @@ def read_instance(path: str | os.PathLike) -> RoutingInstance:
             raise ValueError(f"{path}: a CVRP file needs a CAPACITY line")
         if "DEMAND_SECTION" not in scanned["sections"]:
             raise ValueError(f"{path}: a CVRP file needs a DEMAND_SECTION")
+        if "DEPOT_SECTION" not in scanned["sections"]:
+            raise ValueError(f"{path}: a CVRP file needs a DEPOT_SECTION naming node 1")
+        capacity_text, capacity_line = header["CAPACITY"]
+        if int(capacity_text) <= 0:
+            raise ValueError(
+                f"{path}, line {capacity_line}: CAPACITY must be positive, got {capacity_text}"
+            )
+        for node, (demand, number) in sorted(scanned["demands"].items()):
+            if node == 1 and demand != 0:
+                raise ValueError(
+                    f"{path}, line {number}: the depot (node 1) has demand {demand}, expected 0"
+                )
+            if not 0 <= demand <= int(capacity_text):
+                raise ValueError(
+                    f"{path}, line {number}: node {node} has demand {demand}, outside "
+                    f"0..{capacity_text} (CAPACITY, line {capacity_line})"
+                )
 
     try:
         import vrplib
@@ -522,8 +555,10 @@ def read_instance(path: str | os.PathLike) -> RoutingInstance:
     capacity = int(data["capacity"])
     depots = np.atleast_1d(np.asarray(data.get("depot", [0])))
     if len(depots) != 1 or int(depots[0]) != 0:
+        line = scanned["sections"]["DEPOT_SECTION"][1]
         raise ValueError(
-            f"{path}: DEPOT_SECTION must name node 1 alone, got {[int(d) + 1 for d in depots]}"
+            f"{path}, line {line}: DEPOT_SECTION must name node 1 alone, got "
+            f"{[int(d) + 1 for d in depots]}"
         )
     if demands[0] != 0:
         raise ValueError(f"{path}: the depot (node 1) has demand {demands[0]}, expected 0")

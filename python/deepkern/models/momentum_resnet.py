@@ -1104,6 +1104,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         0 on success.
     """
     settings = _resolve(args, _REPRODUCE_QUICK, _REPRODUCE_DEFAULTS)
+    _check_demo_settings(settings)
     with process_group(settings):
         return _reproduce(args, settings)
 

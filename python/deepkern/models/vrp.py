@@ -987,7 +987,12 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> tuple[nn.Modul
         ValueError: the file is not a routing policy checkpoint.
         OSError: the file cannot be read.
     """
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # torch.load raises assorted types for files it cannot read
+        raise ValueError(f"{path} is not a readable torch checkpoint ({error})") from error
     if not isinstance(state, dict) or "policy" not in state or "model" not in state:
         raise ValueError(f"{path} is not a routing policy checkpoint (no 'policy' or 'model')")
     policy = build_policy(state["model"], **state["model_args"]).to(device)
@@ -1376,6 +1381,11 @@ def run_route(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
     instance = read_instance(args.instance)
+    if instance.num_customers < 1:
+        raise ValueError(f"{args.instance}: nothing to route, the instance has no customers")
+    out = args.out or f"{instance.name}.deepkern.sol"
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out {out}: the folder {os.path.dirname(out) or '.'} does not exist")
     started = time.perf_counter()
     notes = []
     if args.checkpoint:
@@ -1403,16 +1413,21 @@ def run_route(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     cost = instance.cost(routes)
 
-    out = args.out or f"{instance.name}.deepkern.sol"
     write_solution(out, routes, cost)
     print(
         f"{instance.name}: {instance.kind.upper()}, {instance.num_customers} customers, "
         f"{instance.edge_weight_type} distances"
     )
     print(f"{method}: cost {cost:g} ({len(routes)} routes, {seconds:.2f} s)")
-    known = find_known_solution(args.instance)
+    # A broken reference file next to the instance costs the comparison, not the answer.
+    try:
+        known = find_known_solution(args.instance)
+        if known is not None:
+            instance.check(known.routes)
+    except ValueError as error:
+        known = None
+        notes.append(f"the known solution beside the instance was not used: {error}")
     if known is not None:
-        instance.check(known.routes)
         best = instance.cost(known.routes)
         print(
             f"known optimum {best:g} ({os.path.basename(known.path)}): gap "

@@ -235,6 +235,8 @@ def to_fixed(x: Tensor, frac_bits: int = DEFAULT_FRAC_BITS, name: str = "x") -> 
         ValueError: if x holds non-finite values or values too large for the fixed-point range
             (|x| >= 2^(52 - frac_bits)). This reads the tensor's values (a host sync on CUDA).
     """
+    if isinstance(frac_bits, bool) or not isinstance(frac_bits, int) or not 0 <= frac_bits <= 52:
+        raise ValueError(f"frac_bits must be an integer in [0, 52], got {frac_bits!r}")
     scaled = x.detach().to(torch.float64) * (2.0**frac_bits)
     finite = torch.isfinite(scaled)
     if not bool(finite.all()):

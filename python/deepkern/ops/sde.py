@@ -27,6 +27,7 @@ zero, linear, tanh and ReLU drifts vectorise; softplus and sine call the C libra
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,13 @@ class Drift:
 
     def parameters(self) -> list[Tensor | None]:
         return [self.matrix, self.bias, self.out_matrix, self.out_bias]
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int; floats, strings and bools are refused rather than truncated."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _checked_seed(seed: int | None, generator: torch.Generator | None) -> int:
@@ -162,9 +170,9 @@ def simulate(
         drift.kind,
         drift.activation,
         float(h),
-        int(steps),
-        int(first_step),
-        int(save_every),
+        _integer("steps", steps),
+        _integer("first_step", first_step),
+        _integer("save_every", save_every),
         seed,
         bool(antithetic),
     )
@@ -226,8 +234,8 @@ def monte_carlo(
         drift.kind,
         drift.activation,
         float(h),
-        int(steps),
-        int(paths),
+        _integer("steps", steps),
+        _integer("paths", paths),
         seed,
         bool(antithetic),
         FUNCTIONALS[functional],
