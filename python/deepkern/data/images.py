@@ -142,7 +142,16 @@ def load_npz_split(
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no image set at {os.fspath(path)!r}")
-    with np.load(path, allow_pickle=False) as arrays:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except ValueError as error:  # numpy's message would suggest unpickling an untrusted file
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a .npz archive of plain arrays "
+            "(x_train, y_train, x_test, y_test)"
+        ) from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{os.fspath(path)!r} holds one array, not a .npz archive of four")
+    with archive as arrays:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays.files)
         if missing:
             raise ValueError(f"{os.fspath(path)!r} lacks the arrays {sorted(missing)}")
