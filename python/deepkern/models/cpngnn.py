@@ -64,6 +64,7 @@ from deepkern.models.training import (
     progress_bar,
     rank_and_world,
     save_atomic,
+    settings_from_arguments,
 )
 
 __all__ = [
@@ -791,17 +792,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> _Settings:
-    base = _QUICK if getattr(args, "quick", False) else _DEFAULTS
-    if getattr(args, "full", False):
-        base = _FULL
-    updates = {}
-    for field in dataclasses.fields(_Settings):
-        value = getattr(args, field.name, None)
-        if value is not None and value is not False:
-            updates[field.name] = tuple(value) if isinstance(value, list) else value
-    if getattr(args, "full", False) and "device" not in updates and torch.cuda.is_available():
-        updates["device"] = "cuda"
-    settings = dataclasses.replace(base, **updates)
+    settings = settings_from_arguments(args, _DEFAULTS, _QUICK, _FULL)
     lows = {"n_train": 1, "n_test": 1, "test_nodes": 4, "hidden": 1, "layers": 1, "epochs": 0}
     for name, low in {**lows, "batch_size": 1, "social_train": 1}.items():
         value = getattr(settings, name)

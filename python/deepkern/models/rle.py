@@ -63,6 +63,7 @@ from deepkern.models.training import (
     progress_bar,
     rank_and_world,
     save_atomic,
+    settings_from_arguments,
     warmup_cosine,
 )
 from deepkern.nn import RLELoss
@@ -898,17 +899,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> _Settings:
-    base = _QUICK if getattr(args, "quick", False) else _DEFAULTS
-    if getattr(args, "full", False):
-        base = _FULL
-    updates = {}
-    for field in dataclasses.fields(_Settings):
-        value = getattr(args, field.name, None)
-        if value is not None and value is not False:
-            updates[field.name] = tuple(value) if isinstance(value, list) else value
-    if getattr(args, "full", False) and "device" not in updates and torch.cuda.is_available():
-        updates["device"] = "cuda"
-    settings = dataclasses.replace(base, **updates)
+    settings = settings_from_arguments(args, _DEFAULTS, _QUICK, _FULL)
     for name in ("size", "n_train", "n_test", "width", "epochs", "batch_size"):
         value = getattr(settings, name)
         low = {"size": 16, "n_train": 2, "n_test": 1, "epochs": 0}.get(name, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import platform
@@ -20,6 +21,7 @@ __all__ = [
     "progress_bar",
     "rank_and_world",
     "save_atomic",
+    "settings_from_arguments",
     "warmup_cosine",
 ]
 
@@ -149,3 +151,23 @@ def batches_of(indices: list[int], batch_size: int) -> list[list[int]]:
     if len(batches) > 1 and len(batches[-1]) < 2:
         batches.pop()
     return batches
+
+
+def settings_from_arguments(args, defaults, quick, full):
+    """The settings a reproduce command runs with.
+
+    ``--quick`` or ``--full`` picks the base dataclass instance (``defaults`` otherwise); every
+    option given on the command line then overrides the field of the same name (lists become
+    tuples); ``--full`` moves to CUDA when there is a device and no ``--device`` was given.
+    """
+    base = quick if getattr(args, "quick", False) else defaults
+    if getattr(args, "full", False):
+        base = full
+    updates = {}
+    for field in dataclasses.fields(base):
+        value = getattr(args, field.name, None)
+        if value is not None and value is not False:
+            updates[field.name] = tuple(value) if isinstance(value, list) else value
+    if getattr(args, "full", False) and "device" not in updates and torch.cuda.is_available():
+        updates["device"] = "cuda"
+    return dataclasses.replace(base, **updates)
