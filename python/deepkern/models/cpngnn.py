@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -63,8 +62,9 @@ from deepkern.models.training import (
     process_group,
     progress_bar,
     rank_and_world,
-    save_atomic,
+    save_on_first_rank,
     settings_from_arguments,
+    write_json,
 )
 
 __all__ = [
@@ -659,16 +659,13 @@ def train(
             history.append(record)
             logger.info("%s epoch %d: loss %.4f", name, epoch + 1, record["train_loss"])
             if config.checkpoint:
-                if rank == 0:
-                    state = {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    }
-                    save_atomic(state, config.checkpoint)
-                if world > 1:
-                    dist.barrier()
+                state = {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
     finally:
         bar.close()
     return {
@@ -1053,7 +1050,6 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
             "results": results,
             "environment": environment(settings.device),
         }
-        with open(path, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(path, report)
         print(f"wrote {path}")
     return 0

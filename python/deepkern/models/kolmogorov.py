@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ from deepkern.models.training import (
     progress_bar,
     rank_and_world,
     save_atomic,
+    write_json,
 )
 from deepkern.ops import sde
 
@@ -1516,8 +1516,7 @@ def run_kolmogorov(args: argparse.Namespace) -> int:
         "evaluation_seconds": eval_seconds,
         "environment": environment(config.device),
     }
-    with open(json_path, "w") as file:
-        json.dump(report, file, indent=2)
+    write_json(json_path, report)
     _write_plot(png_path, problem, values, evaluation)
     print(f"training {metrics['seconds']:.1f} s, evaluation {eval_seconds:.1f} s")
     print(f"wrote {json_path} and {png_path}")
@@ -1712,16 +1711,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
             print(f"published {key[0]} d={key[1]}: {figure['source']}")
     print(f"total {total:.0f} s")
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
         report = {
             "rows": rows,
             "published": {f"{p}:{d}": v for (p, d), v in PUBLISHED.items()},
             "seconds": total,
             "environment": environment(args.device),
         }
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(args.out, report)
     return 0
 
 

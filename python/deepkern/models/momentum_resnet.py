@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -56,8 +55,9 @@ from deepkern.models.training import (
     process_group,
     progress_bar,
     rank_and_world,
-    save_atomic,
+    save_on_first_rank,
     warmup_cosine,
+    write_json,
 )
 from deepkern.nn import MomentumNet
 
@@ -539,17 +539,14 @@ def train(
             history.append(record)
             _log_epoch(name, record, config.epochs)
             if config.checkpoint:
-                if rank == 0:
-                    state = {
-                        "epoch": epoch + 1,
-                        "epochs": config.epochs,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    }
-                    save_atomic(state, config.checkpoint)
-                if world > 1:
-                    dist.barrier()
+                state = {
+                    "epoch": epoch + 1,
+                    "epochs": config.epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
     finally:
         bar.close()
 
@@ -1037,8 +1034,7 @@ def run_demo(args: argparse.Namespace) -> int:
         },
         "environment": environment(settings.device),
     }
-    with open(json_path, "w") as file:
-        json.dump(report, file, indent=2)
+    write_json(json_path, report)
     _write_plot(png_path, rows, results, settings)
     print(f"\nwrote {json_path} and {png_path} ({report['seconds']['total']:.0f} s)")
     return 0
@@ -1152,8 +1148,5 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
             "memory": row,
             "environment": environment(settings.device),
         }
-        directory = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(args.out, report)
     return 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -46,6 +45,7 @@ from deepkern.models.training import (
     progress_bar,
     rank_and_world,
     save_atomic,
+    write_json,
 )
 
 __all__ = [
@@ -1105,16 +1105,13 @@ def run_reproduce(args: argparse.Namespace) -> int:
     )
     print(f"total {total:.0f} s")
     if args.out:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(folder, exist_ok=True)
         report = {
             "rows": rows,
             "published": {f"{t}:{n}": v for (t, n), v in PUBLISHED.items()},
             "seconds": total,
             "environment": environment(args.device),
         }
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(args.out, report)
     return 0
 
 

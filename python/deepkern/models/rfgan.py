@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -67,7 +66,8 @@ from deepkern.models.training import (
     process_group,
     progress_bar,
     rank_and_world,
-    save_atomic,
+    save_on_first_rank,
+    write_json,
 )
 
 __all__ = [
@@ -721,19 +721,16 @@ def train(
                 record["fake_score"],
             )
             if config.checkpoint:
-                if rank == 0:
-                    state = {
-                        "epoch": epoch + 1,
-                        "epochs": config.epochs,
-                        "generator": generator.state_dict(),
-                        "discriminator": discriminator.state_dict(),
-                        "optimizer_g": optimizers[0].state_dict(),
-                        "optimizer_d": optimizers[1].state_dict(),
-                        "history": history,
-                    }
-                    save_atomic(state, config.checkpoint)
-                if world > 1:
-                    dist.barrier()
+                state = {
+                    "epoch": epoch + 1,
+                    "epochs": config.epochs,
+                    "generator": generator.state_dict(),
+                    "discriminator": discriminator.state_dict(),
+                    "optimizer_g": optimizers[0].state_dict(),
+                    "optimizer_d": optimizers[1].state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
     finally:
         bar.close()
 
@@ -1164,8 +1161,7 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
     if out:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "results.json")
-        with open(path, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(path, report)
         print(f"\nwrote {path} and PNG grids of samples ({report['seconds']:.0f} s)")
     return 0
 

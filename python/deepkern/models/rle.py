@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -62,9 +61,10 @@ from deepkern.models.training import (
     process_group,
     progress_bar,
     rank_and_world,
-    save_atomic,
+    save_on_first_rank,
     settings_from_arguments,
     warmup_cosine,
+    write_json,
 )
 from deepkern.nn import RLELoss
 
@@ -739,17 +739,14 @@ def train(
                 record["seconds"],
             )
             if config.checkpoint:
-                if rank == 0:
-                    state = {
-                        "epoch": epoch + 1,
-                        "epochs": config.epochs,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    }
-                    save_atomic(state, config.checkpoint)
-                if world > 1:
-                    dist.barrier()
+                state = {
+                    "epoch": epoch + 1,
+                    "epochs": config.epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
     finally:
         bar.close()
 
@@ -1089,8 +1086,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
                 "results": results,
                 "environment": environment(settings.device),
             }
-            with open(os.path.join(args.out, "rle.json"), "w") as file:
-                json.dump(report, file, indent=2)
+            write_json(os.path.join(args.out, "rle.json"), report)
             for task in settings.tasks:
                 path = os.path.join(args.out, f"{task}.png")
                 _write_preview(path, task, settings, results, images[task])

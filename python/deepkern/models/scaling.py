@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepkern.models.training import environment, progress_bar, save_atomic
+from deepkern.models.training import environment, progress_bar, save_atomic, write_json
 
 __all__ = [
     "ACTIVATIONS",
@@ -1234,8 +1233,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         "findings": list(PAPER_FINDINGS),
     }
     results["environment"] = environment(config.device)
-    with open(json_path, "w") as file:
-        json.dump(results, file, indent=1)
+    write_json(json_path, results, indent=1)
     plot_weight_paths(results, weights_path)
     plot_scaling(results, scaling_path)
     print(f"\nwrote {json_path}, {weights_path} and {scaling_path} ({results['seconds']:.0f} s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -21,8 +22,10 @@ __all__ = [
     "progress_bar",
     "rank_and_world",
     "save_atomic",
+    "save_on_first_rank",
     "settings_from_arguments",
     "warmup_cosine",
+    "write_json",
 ]
 
 
@@ -171,3 +174,23 @@ def settings_from_arguments(args, defaults, quick, full):
     if getattr(args, "full", False) and "device" not in updates and torch.cuda.is_available():
         updates["device"] = "cuda"
     return dataclasses.replace(base, **updates)
+
+
+def save_on_first_rank(state: dict, path: str, rank: int, world: int) -> None:
+    """Process 0 writes the checkpoint (atomically); with several processes all wait for it,
+    so that none runs ahead of a checkpoint it might resume from."""
+    if rank == 0:
+        save_atomic(state, path)
+    if world > 1:
+        dist.barrier()
+
+
+def write_json(path: str, report: dict, indent: int = 2) -> None:
+    """Write a command's report as JSON, creating its folder, through a temporary file that is
+    renamed into place (a reader never sees half a report)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "w") as file:
+        json.dump(report, file, indent=indent)
+    os.replace(partial, path)

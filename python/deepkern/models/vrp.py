@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -55,6 +54,7 @@ from deepkern.models.training import (
     progress_bar,
     rank_and_world,
     save_atomic,
+    write_json,
 )
 
 __all__ = [
@@ -1255,8 +1255,7 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
         )
     if out:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as file:
-            json.dump(results, file, indent=2)
+        write_json(os.path.join(out, "results.json"), results)
         print(f"wrote {os.path.join(out, 'results.json')}")
     return 0
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -51,8 +50,9 @@ from deepkern.models.training import (
     process_group,
     progress_bar,
     rank_and_world,
-    save_atomic,
+    save_on_first_rank,
     settings_from_arguments,
+    write_json,
 )
 
 __all__ = [
@@ -393,16 +393,13 @@ def train(
                 name, epoch + 1, config.epochs, record["train_loss"], record.get("test_kl"),
             )  # fmt: skip
             if config.checkpoint:
-                if rank == 0:
-                    state = {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "history": history,
-                    }
-                    save_atomic(state, config.checkpoint)
-                if world > 1:
-                    dist.barrier()
+                state = {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
     finally:
         bar.close()
 
@@ -794,7 +791,6 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
             "environment": environment(settings.device),
         }
         path = os.path.join(args.out, "yoon.json")
-        with open(path, "w") as file:
-            json.dump(report, file, indent=2)
+        write_json(path, report)
         print(f"wrote {path}")
     return 0
