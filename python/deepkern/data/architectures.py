@@ -195,7 +195,10 @@ def sample_architecture(rng: random.Random | int, split: str = "train") -> dict[
     head = "glob_avg" if has_msa or is_deep or rng.random() < 0.9 else "flatten"
     if split == "bn_free":
         norm = None
-    elif cells <= min_cells + 1 and steps <= _DEEP_MAX_STEPS:
+    elif cells <= min_cells + 1 and steps <= (
+        _DENSE_DEEP_MAX_STEPS if split == "dense" else _DEEP_MAX_STEPS
+    ):
+        # Only the smallest networks of a split may go without batch norm.
         norm = rng.choice(("bn", None))
     else:
         norm = "bn"
