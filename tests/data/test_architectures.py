@@ -164,8 +164,8 @@ def test_every_operation_builds_in_normal_and_reduction_cells():
         g = _with(
             normal=[[op, 0], ["conv_1x1", 1]],
             normal_concat=[2],
-            reduce=[[op, 1], [op, 0]],
-            reduce_concat=[2],
+            reduce=[[op, 1], [op, 0], [op, 2], ["skip_connect", 1]],
+            reduce_concat=[3],
         )
         for norm, head in ((None, "flatten"), ("bn", "glob_avg")):
             g.update(norm=norm, head=head, stem="imagenet", fc_layers=2)
