@@ -43,6 +43,7 @@ constexpr int kBisectionSteps = 48;
 // rounding of the double computation and PyTorch's own evaluation of the activation in the
 // input dtype (a float32 sigmoid is within 2 ulps of the exact value).
 constexpr double kMarginEps = 4.0;
+constexpr double kDoubleEps = std::numeric_limits<double>::epsilon();
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_exp(double x) {
 #ifdef __CUDA_ARCH__
@@ -281,7 +282,10 @@ C10_HOST_DEVICE inline Lines<T> relu_relaxation(T lower, T upper, T alpha, bool 
   const double u = static_cast<double>(upper);
   const T slope = round_up<T>(u / (u - l));
   const double bias = -static_cast<double>(slope) * l;
-  const double margin = std::is_same_v<T, double> ? kMarginEps * 2.2204460492503131e-16 * bias : 0;
+  // In float64 the chord's value at u, slope * u + bias, may round below u by an ulp of u.
+  const double margin = std::is_same_v<T, double>
+                            ? kMarginEps * kDoubleEps * (bias + static_cast<double>(slope) * u)
+                            : 0.0;
   const T lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
   return {lower_slope, T(0), slope, round_up<T>(bias + margin)};
 }
@@ -367,8 +371,7 @@ C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T lin
       best_act = nonlin;
     }
   }
-  const double margin =
-      kMarginEps * 2.2204460492503131e-16 * (vk_abs(best_linear) + vk_abs(best_act));
+  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
   T argmax = static_cast<T>(best_z);
   argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
   return {round_up<T>(best + margin), argmax};

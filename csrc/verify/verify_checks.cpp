@@ -63,8 +63,10 @@ IntervalInputs check_interval_inputs(const at::Tensor& lower, const at::Tensor& 
                 "] (m = weight.size(0)), got ", bias->sizes());
     in.bias = bias->contiguous();
   }
-  in.lower = lower.reshape({-1, n}).contiguous();
-  in.upper = upper.reshape({-1, n}).contiguous();
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < lower.dim(); ++d) rows *= lower.size(d);
+  in.lower = lower.reshape({rows, n}).contiguous();
+  in.upper = upper.reshape({rows, n}).contiguous();
   in.weight = weight.contiguous();
   in.out_sizes = lower.sizes().vec();
   in.out_sizes.back() = m;
