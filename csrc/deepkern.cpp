@@ -62,6 +62,18 @@ TORCH_LIBRARY(deepkern, m) {
       "loopy_bp(Tensor unary, Tensor pairwise, Tensor src, Tensor dst, Tensor reverse,"
       " Tensor node_graph, int num_graphs, int mode, float damping, float tol, int max_iters)"
       " -> (Tensor log_marginals, Tensor log_messages, Tensor iterations, Tensor converged)");
+
+  // verify: interval bounds of linear maps, linear relaxations of activations, and the
+  // per-neuron inner maximum of the Lagrangian dual. kind: 0 relu, 1 sigmoid, 2 tanh.
+  m.def(
+      "interval_linear(Tensor lower, Tensor upper, Tensor weight, Tensor? bias)"
+      " -> (Tensor out_lower, Tensor out_upper)");
+  m.def(
+      "activation_relaxation(Tensor lower, Tensor upper, int kind, Tensor? relu_lower_slope)"
+      " -> (Tensor lower_slope, Tensor lower_bias, Tensor upper_slope, Tensor upper_bias)");
+  m.def(
+      "dual_activation_max(Tensor lower, Tensor upper, Tensor linear_coef, Tensor act_coef,"
+      " int kind) -> (Tensor value, Tensor argmax)");
 }
 
 PYBIND11_MODULE(_C, module) {

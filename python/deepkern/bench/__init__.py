@@ -36,6 +36,7 @@ FAMILIES: dict[str, str] = {
     "graph": "deepkern.bench.graph",
     "vrp": "deepkern.bench.vrp",
     "verify": "deepkern.bench.verify",
+    "verify_ops": "deepkern.bench.verify_ops",
 }
 
 

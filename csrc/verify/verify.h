@@ -1,0 +1,397 @@
+// Per-neuron arithmetic of the verify family, written once and called from both the CPU loops
+// and the CUDA kernels, so that the CPU tests exercise the same code the GPU runs.
+//
+// Everything is computed in double, whatever the tensor dtype, and rounded outward once at the
+// end: a float32 line or maximum is then sound against the exact activation, not only against
+// float32 arithmetic. Three parts:
+//
+// - activation values and slopes (ReLU, sigmoid, tanh), evaluated without overflow;
+// - linear relaxations: two lines that enclose the activation on [l, u];
+// - the inner maximum of the Lagrangian dual, max over z in [l, u] of a z + c act(z).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace deepkern::verify {
+
+// The kind codes of the schemas; deepkern.ops.verify maps the names onto them.
+enum Kind : int64_t { kRelu = 0, kSigmoid = 1, kTanh = 2 };
+
+// What a per-neuron check found, as bits OR-ed over all neurons; the host names the argument.
+enum Status : int {
+  kOk = 0,
+  kLowerNotFinite = 1,
+  kUpperNotFinite = 2,
+  kLowerAboveUpper = 4,
+  kSlopeOutside = 8,
+  kLinearNotFinite = 16,
+  kActNotFinite = 32,
+};
+
+// Bisection steps for the tangent point of a line through an end of an interval. The bracket
+// starts at most about 1400 wide (see tangent_bracket_end) and usually below 30; 48 halvings
+// leave it under 1e-13 wide, where the slope it yields is exact to double rounding.
+constexpr int kBisectionSteps = 48;
+
+// The outward margin of the smooth relaxations, in units of the output dtype's epsilon times
+// the size of the numbers summed in a line (about 1 for sigmoid and tanh). It covers the
+// rounding of the double computation and PyTorch's own evaluation of the activation in the
+// input dtype (a float32 sigmoid is within 2 ulps of the exact value).
+constexpr double kMarginEps = 4.0;
+constexpr double kDoubleEps = std::numeric_limits<double>::epsilon();
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_exp(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_log1p(double x) {
+#ifdef __CUDA_ARCH__
+  return ::log1p(x);
+#else
+  return std::log1p(x);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_log(double x) {
+#ifdef __CUDA_ARCH__
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_sqrt(double x) {
+#ifdef __CUDA_ARCH__
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_tanh(double x) {
+#ifdef __CUDA_ARCH__
+  return ::tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_abs(double x) { return x < 0 ? -x : x; }
+
+// NaN and infinity fail: x - x is NaN for both.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool finite(T x) {
+  return x - x == T(0);
+}
+
+// The nearest T at or above (round_up) or at or below (round_down) x.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T round_up(double x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x;
+  } else {
+    float y = static_cast<float>(x);
+    if (static_cast<double>(y) < x) {
+#ifdef __CUDA_ARCH__
+      y = ::nextafterf(y, INFINITY);
+#else
+      y = std::nextafter(y, std::numeric_limits<float>::infinity());
+#endif
+    }
+    return y;
+  }
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T round_down(double x) {
+  return -round_up<T>(-x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double activation(int64_t kind, double x) {
+  if (kind == kRelu) return x > 0 ? x : 0.0;
+  if (kind == kTanh) return vk_tanh(x);
+  const double e = vk_exp(-vk_abs(x));  // in (0, 1]: no overflow on either side
+  return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+}
+
+// act'(x); 0 at the ReLU kink.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double activation_slope(int64_t kind, double x) {
+  if (kind == kRelu) return x > 0 ? 1.0 : 0.0;
+  if (kind == kSigmoid) {
+    const double e = vk_exp(-vk_abs(x));
+    return e / ((1.0 + e) * (1.0 + e));
+  }
+  const double e = vk_exp(-2.0 * vk_abs(x));
+  return 4.0 * e / ((1.0 + e) * (1.0 + e));
+}
+
+// Sigmoid and tanh are point-symmetric about (0, center): act(-x) = 2 center - act(x). Their
+// slope peaks at 0 with the value peak.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double center_value(int64_t kind) {
+  return kind == kSigmoid ? 0.5 : 0.0;
+}
+C10_HOST_DEVICE C10_ALWAYS_INLINE double peak_slope(int64_t kind) {
+  return kind == kSigmoid ? 0.25 : 1.0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear relaxations of sigmoid and tanh
+//
+// Both are convex on (-inf, 0] and concave on [0, inf). An upper line on [l, u]:
+//   u <= 0 (convex):    the chord;
+//   l >= 0 (concave):   the tangent at the midpoint;
+//   l < 0 < u:          the line through (l, act(l)) tangent to the concave side at d > 0, or
+//                       the chord when d >= u.
+// The lower line is the upper line of the reflected interval [-u, -l], reflected back through
+// the centre of symmetry: it is the chord on a concave piece, the midpoint tangent on a convex
+// one, and the line through (u, act(u)) tangent to the convex side across the inflection point.
+//
+// The crossing case. With g(x) = (act(x) - act(l)) / (x - l), a line through (l, act(l)) with
+// slope s lies above act on [l, u] exactly when s >= max over (l, u] of g. Since
+//   g'(x) = h(x) / (x - l)^2,  h(x) = act'(x) (x - l) - (act(x) - act(l)),
+// and h > 0 on (l, 0] (convexity), h' = act''(x) (x - l) < 0 on (0, inf) and h -> -(sup act -
+// act(l)) < 0, h has one root d > 0 and g peaks there with g(d) = act'(d). So the slope is
+// act'(min(d, u)) when d < u and the chord slope g(u) otherwise. Bisection keeps a point a with
+// h(a) > 0, so a <= d, and returns act'(a) >= act'(d) (act' decreases on [0, inf)): the line
+// stays above the activation even where the bisection is cut short, and act'(0) = peak, the
+// starting point, is sound on its own.
+
+// A line above the activation on [l, u] written through its left end: value + slope (x - l).
+struct PivotLine {
+  double slope;
+  double value;  // at x = l
+};
+
+// h of the crossing case (see above), at x >= 0.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_gap(int64_t kind, double x, double l,
+                                                     double act_l) {
+  return activation_slope(kind, x) * (x - l) - (activation(kind, x) - act_l);
+}
+
+// A point where h < 0 for the interval's left end l < 0: for sigmoid, 3 + 2 log(1 - l). There
+// act'(x) < e^-x gives act'(x) (x - l) <= 3 e^-3 (1 - l) / (1 - l)^2 < 0.15, while act(x) -
+// act(l) >= sigmoid(3) - 1/2 > 0.45. Tanh is a scaled sigmoid, tanh(x) = 2 sigmoid(2x) - 1, so
+// its point is half the sigmoid's for 2l. In double it never passes 1422.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_bracket_end(int64_t kind, double l) {
+  if (kind == kSigmoid) return 3.0 + 2.0 * vk_log1p(-l);
+  return 1.5 + vk_log1p(-2.0 * l);
+}
+
+// The slope of the chord over [l, u], clamped to [lowest, highest], the range act' takes on
+// [l, u]. The chord slope lies in that range (mean value theorem); the clamp keeps a narrow
+// interval, where act(u) - act(l) is mostly rounding, from giving a wild slope.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double chord_slope(double l, double u, double act_l, double act_u,
+                                                     double lowest, double highest) {
+  const double width = u - l;
+  double slope = width > 0 ? (act_u - act_l) / width : lowest;
+  slope = slope < lowest ? lowest : slope;
+  return slope > highest ? highest : slope;
+}
+
+// The upper line of sigmoid or tanh on [l, u], l <= u, both finite.
+C10_HOST_DEVICE inline PivotLine smooth_upper_line(int64_t kind, double l, double u) {
+  const double act_l = activation(kind, l);
+  if (u <= 0) {
+    // Convex piece: act' increases, from act'(l) to act'(u).
+    const double slope = chord_slope(l, u, act_l, activation(kind, u), activation_slope(kind, l),
+                                     activation_slope(kind, u));
+    return {slope, act_l};
+  }
+  if (l >= 0) {
+    // Concave piece: the tangent at the midpoint, written through l.
+    const double middle = l + (u - l) / 2;
+    const double slope = activation_slope(kind, middle);
+    return {slope, activation(kind, middle) - slope * (middle - l)};
+  }
+  // Across the inflection point: is the tangent point d before u?
+  const double end = tangent_bracket_end(kind, l);
+  const double right = u < end ? u : end;
+  if (!(tangent_gap(kind, right, l, act_l) < 0)) {
+    // d >= u: g increases up to u, and the chord is the line. (h(end) < 0 holds in exact
+    // arithmetic; should rounding say otherwise, the peak slope is sound on its own.)
+    if (right < u) return {peak_slope(kind), act_l};
+    const double act_u = activation(kind, u);
+    return {chord_slope(l, u, act_l, act_u, 0.0, peak_slope(kind)), act_l};
+  }
+  double below = 0.0;  // h(below) > 0 holds in exact arithmetic
+  double above = right;
+  for (int step = 0; step < kBisectionSteps; ++step) {
+    const double middle = below + (above - below) / 2;
+    if (tangent_gap(kind, middle, l, act_l) > 0) {
+      below = middle;
+    } else {
+      above = middle;
+    }
+  }
+  return {activation_slope(kind, below), act_l};
+}
+
+// Two lines in slope-bias form, rounded outward to T:
+//   lower_slope x + lower_bias <= act(x) <= upper_slope x + upper_bias on [l, u].
+template <typename T>
+struct Lines {
+  T lower_slope, lower_bias, upper_slope, upper_bias;
+};
+
+// Sigmoid or tanh. Slopes round up; the biases are then recomputed from the rounded slopes
+// through the pivot, moved out by the margin and rounded outward. Rounding a slope up is sound
+// because each line passes through its pivot at the end of the interval it faces away from:
+// the upper line pivots at l and is only used at x >= l, the lower one at u for x <= u.
+template <typename T>
+C10_HOST_DEVICE inline Lines<T> smooth_relaxation(int64_t kind, T lower, T upper) {
+  constexpr double eps = std::numeric_limits<T>::epsilon();
+  const double l = static_cast<double>(lower);
+  const double u = static_cast<double>(upper);
+
+  const PivotLine up = smooth_upper_line(kind, l, u);
+  const T upper_slope = round_up<T>(up.slope);
+  const double up_shift = static_cast<double>(upper_slope) * l;
+  const double up_margin = kMarginEps * eps * (1.0 + vk_abs(up.value) + vk_abs(up_shift));
+  const T upper_bias = round_up<T>(up.value - up_shift + up_margin);
+
+  // act(x) = 2 center - act(-x) >= 2 center - (value' + slope' (-x + u)) on [l, u].
+  const PivotLine reflected = smooth_upper_line(kind, -u, -l);
+  const double low_value = 2.0 * center_value(kind) - reflected.value;  // at x = u
+  const T lower_slope = round_up<T>(reflected.slope);
+  const double low_shift = static_cast<double>(lower_slope) * u;
+  const double low_margin = kMarginEps * eps * (1.0 + vk_abs(low_value) + vk_abs(low_shift));
+  const T lower_bias = round_down<T>(low_value - low_shift - low_margin);
+  return {lower_slope, lower_bias, upper_slope, upper_bias};
+}
+
+// ReLU: exact lines for stable neurons; for unstable ones (l < 0 < u) the chord
+// u (x - l) / (u - l) above and alpha x below. The chord slope and bias round up, and float64
+// biases move up by a few ulps, so the chord stays above ReLU under rounding too.
+template <typename T>
+C10_HOST_DEVICE inline Lines<T> relu_relaxation(T lower, T upper, T alpha, bool has_alpha) {
+  if (lower >= 0) return {T(1), T(0), T(1), T(0)};
+  if (upper <= 0) return {T(0), T(0), T(0), T(0)};
+  const double l = static_cast<double>(lower);
+  const double u = static_cast<double>(upper);
+  const T slope = round_up<T>(u / (u - l));
+  const double bias = -static_cast<double>(slope) * l;
+  // In float64 the chord's value at u, slope * u + bias, may round below u by an ulp of u.
+  const double margin = std::is_same_v<T, double>
+                            ? kMarginEps * kDoubleEps * (bias + static_cast<double>(slope) * u)
+                            : 0.0;
+  const T lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
+  return {lower_slope, T(0), slope, round_up<T>(bias + margin)};
+}
+
+// The checks of one neuron's relaxation inputs.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE int relaxation_status(T lower, T upper, const T* alpha) {
+  int status = kOk;
+  if (!finite(lower)) status |= kLowerNotFinite;
+  if (!finite(upper)) status |= kUpperNotFinite;
+  if (status == kOk && lower > upper) status |= kLowerAboveUpper;
+  if (alpha != nullptr && !(*alpha >= T(0) && *alpha <= T(1))) status |= kSlopeOutside;
+  return status;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The inner maximum of the Lagrangian dual: max over z in [l, u] of f(z) = a z + c act(z)
+//
+// ReLU is piecewise linear, so a maximum sits at l, u or the kink 0. Sigmoid and tanh are
+// smooth: a maximum sits at l, u or a stationary point, act'(z) = r with r = -a / c. act' is
+// even with values in (0, peak], so there are two (+-z0) when 0 < r <= peak and none otherwise:
+//   tanh:    1 - tanh(z0)^2 = r,  tanh(z0) = t = sqrt(1 - r),
+//            z0 = atanh(t) = log((1 + t) / sqrt(r))   (as 1 - t = r / (1 + t));
+//   sigmoid: sigmoid'(z) = tanh'(z / 2) / 4, so z0 = 2 log((1 + q) / (2 sqrt(r))),
+//            q = sqrt(1 - 4 r).
+// Candidates outside [l, u] are clamped to it (they then repeat an end). The largest of the
+// candidates' values wins, the first one on ties, in the order l, u, then the kink or -z0, +z0.
+
+template <typename T>
+struct DualMax {
+  T value;
+  T argmax;
+};
+
+// Half the distance between the stationary points, or -1 when there are none.
+C10_HOST_DEVICE C10_ALWAYS_INLINE double stationary_point(int64_t kind, double a, double c) {
+  if (c == 0) return -1.0;
+  const double r = -a / c;
+  if (!(r > 0 && r <= peak_slope(kind))) return -1.0;
+  if (kind == kTanh) {
+    const double t = vk_sqrt(1.0 - r);
+    return vk_log((1.0 + t) / vk_sqrt(r));
+  }
+  const double q = vk_sqrt(1.0 - 4.0 * r);
+  return 2.0 * vk_log((1.0 + q) / (2.0 * vk_sqrt(r)));
+}
+
+// The value rounds up, after a relative margin of a few double ulps for the double arithmetic:
+// it bounds the true maximum from above, as a dual bound needs.
+template <typename T>
+C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T linear, T act) {
+  const double l = static_cast<double>(lower);
+  const double u = static_cast<double>(upper);
+  const double a = static_cast<double>(linear);
+  const double c = static_cast<double>(act);
+
+  double candidates[4] = {l, u, l, l};
+  int count = 2;
+  if (kind == kRelu) {
+    candidates[count++] = l < 0 && u > 0 ? 0.0 : l;
+  } else {
+    const double z0 = stationary_point(kind, a, c);
+    if (z0 >= 0) {
+      const double left = -z0 < l ? l : (-z0 > u ? u : -z0);
+      const double right = z0 < l ? l : (z0 > u ? u : z0);
+      candidates[count++] = left;
+      candidates[count++] = right;
+    }
+  }
+
+  double best_z = candidates[0];
+  double best_linear = a * best_z;
+  double best_act = c * activation(kind, best_z);
+  double best = best_linear + best_act;
+  for (int i = 1; i < count; ++i) {
+    const double z = candidates[i];
+    const double lin = a * z;
+    const double nonlin = c * activation(kind, z);
+    if (lin + nonlin > best) {
+      best = lin + nonlin;
+      best_z = z;
+      best_linear = lin;
+      best_act = nonlin;
+    }
+  }
+  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
+  T argmax = static_cast<T>(best_z);
+  argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
+  return {round_up<T>(best + margin), argmax};
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE int dual_status(T lower, T upper, T linear, T act) {
+  int status = relaxation_status<T>(lower, upper, nullptr);
+  if (!finite(linear)) status |= kLinearNotFinite;
+  if (!finite(act)) status |= kActNotFinite;
+  return status;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interval linear maps in center-radius form
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void center_radius(T lower, T upper, T* center, T* radius) {
+  *center = lower / 2 + upper / 2;  // halves first: no overflow near the largest finite value
+  *radius = upper / 2 - lower / 2;
+}
+
+}  // namespace deepkern::verify
