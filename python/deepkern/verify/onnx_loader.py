@@ -242,12 +242,17 @@ class _GraphReader:
         if node.op_type == "Constant":
             if len(node.attribute) != 1:
                 raise OnnxImportError(f"{where} must have exactly one value attribute")
-            value = helper.get_attribute_value(node.attribute[0])
-            if node.attribute[0].name in ("value", "sparse_value"):
+            attribute = node.attribute[0]
+            value = helper.get_attribute_value(attribute)
+            if attribute.name == "value":
                 from onnx import numpy_helper
 
                 value = numpy_helper.to_array(value)
-            self.constants[node.output[0]] = np.asarray(value)
+            elif attribute.name not in _CONSTANT_TYPES:
+                raise OnnxImportError(f"{where}: attribute {attribute.name!r} is not supported")
+            else:
+                value = np.asarray(value, dtype=_CONSTANT_TYPES[attribute.name])
+            self.constants[node.output[0]] = value
             return
         try:
             evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
@@ -281,6 +286,15 @@ class _GraphReader:
         if name not in self.constants:
             raise OnnxImportError(f"{where}: its {what} {name!r} must be constant")
         return self.constants[name]
+
+
+# The element types of Constant's plain attributes, as ONNX defines them.
+_CONSTANT_TYPES = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
 
 
 def _describe(node, index: int) -> str:
@@ -324,8 +338,8 @@ class _LayerList:
     def affine(self, scale: np.ndarray, shift: np.ndarray, sample: tuple[int, ...]) -> None:
         """Appends ``x * scale + shift`` (both broadcast against one sample), folded into the
         layer before when that layer is affine and the result stays exact."""
-        scale = torch.as_tensor(np.asarray(scale, dtype=np.float64))
-        shift = torch.as_tensor(np.asarray(shift, dtype=np.float64))
+        scale = torch.tensor(np.asarray(scale, dtype=np.float64))
+        shift = torch.tensor(np.asarray(shift, dtype=np.float64))
         if bool((scale == 1).all()) and bool((shift == 0).all()):
             return
         last = self.modules[-1] if self.modules else None
@@ -417,7 +431,7 @@ def _linear(reader, weight: np.ndarray) -> nn.Linear:
     out_features, in_features = weight.shape
     layer = nn.Linear(in_features, out_features, dtype=torch.float64)
     with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(np.asarray(weight, dtype=np.float64)))
+        layer.weight.copy_(torch.tensor(np.asarray(weight, dtype=np.float64)))
         layer.bias.zero_()
     return layer
 
@@ -521,13 +535,13 @@ def _conv(reader, node, where, layout):
         dtype=torch.float64,
     )
     with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight))
+        layer.weight.copy_(torch.tensor(weight))
         layer.bias.zero_()
         if len(node.input) >= 3 and node.input[2]:
             bias = np.asarray(reader.constant(node, 2, where, "bias B"), dtype=np.float64)
             if bias.shape != (out_channels,):
                 raise OnnxImportError(f"{where}: bias must have shape [{out_channels}]")
-            layer.bias.copy_(torch.as_tensor(bias))
+            layer.bias.copy_(torch.tensor(bias))
     reader.layers.append(layer)
 
     out = [
