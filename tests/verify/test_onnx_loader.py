@@ -305,6 +305,32 @@ def test_reshape_to_an_image_and_flatten_back(tmp_path):
     assert isinstance(network[0], Reshape)
 
 
+@pytest.mark.parametrize("opset", [11, 15])
+def test_squeeze_and_unsqueeze(tmp_path, opset):
+    if opset < 13:
+        nodes = [
+            helper.make_node("Squeeze", ["x"], ["s"], axes=[2]),
+            helper.make_node("MatMul", ["s", "W"], ["m"]),
+            helper.make_node("Unsqueeze", ["m"], ["y"], axes=[-1]),
+        ]
+        constants = [_tensor("W", _random(4, 2))]
+    else:
+        nodes = [
+            helper.make_node("Squeeze", ["x", "a"], ["s"]),
+            helper.make_node("MatMul", ["s", "W"], ["m"]),
+            helper.make_node("Unsqueeze", ["m", "b"], ["y"]),
+        ]
+        constants = [
+            _tensor("W", _random(4, 2)),
+            numpy_helper.from_array(np.array([2], dtype=np.int64), "a"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "b"),
+        ]
+    path = _save(tmp_path, nodes, [1, 4, 1], constants, opset=opset)
+    network, shape = _assert_matches_reference(path)
+    assert shape == (4, 1)
+    assert _kinds(network) == ["Flatten", "Linear", "Reshape", "Flatten"]
+
+
 def test_float64_networks_stay_float64(tmp_path):
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
     graph = helper.make_graph(

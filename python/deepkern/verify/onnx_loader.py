@@ -48,9 +48,9 @@ def load_onnx(path: str) -> tuple[nn.Sequential, tuple[int, ...]]:
 
     Supported operators: ``Gemm``, ``MatMul`` (weight on either side), ``Add``, ``Sub``,
     ``Mul``, ``Div`` by a constant, ``Conv`` (2-D, symmetric padding), ``BatchNormalization``
-    (inference), ``Flatten``, ``Reshape``, ``Relu``, ``Sigmoid``, ``Tanh``, ``Identity``,
-    ``Dropout`` (inference), ``Shape`` of the data, ``Constant``, and any operator at all whose
-    inputs are constant (it is evaluated with ``onnx.reference``).
+    (inference), ``Flatten``, ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Relu``, ``Sigmoid``,
+    ``Tanh``, ``Identity``, ``Dropout`` (inference), ``Shape`` of the data, ``Constant``, and
+    any operator at all whose inputs are constant (it is evaluated with ``onnx.reference``).
 
     Args:
         path: the ``.onnx`` file.
@@ -643,6 +643,45 @@ def _reshape(reader, node, where, layout):
     return tuple(shape), layout.sample
 
 
+def _squeeze_axes(reader, node, where, layout) -> list[int]:
+    """The axes of Squeeze or Unsqueeze: an attribute before opset 13, an input from it on."""
+    _check_attributes(node, where, {"axes"})
+    if reader.opset < 13:
+        axes = _attribute(node, "axes", None)
+    elif len(node.input) >= 2 and node.input[1]:
+        axes = reader.constant(node, 1, where, "axes")
+    else:
+        axes = None
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
+def _squeeze(reader, node, where, layout):
+    axes = _squeeze_axes(reader, node, where, layout)
+    rank = len(layout.shape)
+    if axes is None:
+        axes = [axis for axis, size in enumerate(layout.shape) if size == 1]
+    axes = {axis + rank if axis < 0 else axis for axis in axes}
+    if any(not 0 <= axis < rank or layout.shape[axis] != 1 for axis in axes):
+        raise OnnxImportError(
+            f"{where}: cannot squeeze axes {sorted(axes)} of {list(layout.shape)}"
+        )
+    shape = tuple(size for axis, size in enumerate(layout.shape) if axis not in axes)
+    return shape, layout.sample
+
+
+def _unsqueeze(reader, node, where, layout):
+    axes = _squeeze_axes(reader, node, where, layout)
+    if axes is None:
+        raise OnnxImportError(f"{where} needs axes")
+    rank = len(layout.shape) + len(axes)
+    axes = [axis + rank if axis < 0 else axis for axis in axes]
+    if len(axes) != len(set(axes)) or any(not 0 <= axis < rank for axis in axes):
+        raise OnnxImportError(f"{where}: cannot insert axes {sorted(axes)}")
+    sizes = iter(layout.shape)
+    shape = tuple(1 if axis in axes else next(sizes) for axis in range(rank))
+    return shape, layout.sample
+
+
 _HANDLERS = {
     "Relu": _activation(nn.ReLU),
     "Sigmoid": _activation(nn.Sigmoid),
@@ -659,6 +698,8 @@ _HANDLERS = {
     "BatchNormalization": _batch_norm,
     "Flatten": _flatten,
     "Reshape": _reshape,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
 }
 
 __all__ = ["OnnxImportError", "load_onnx"]
