@@ -161,8 +161,9 @@ def _run_instances(args: argparse.Namespace) -> int:
                     method=args.method,
                     seed=args.seed,
                 )
-            except (ValueError, OSError) as error:
-                outcome = Outcome("error", 0.0, note=str(error))
+            except (ValueError, OSError, RuntimeError) as error:
+                # One instance that cannot be run does not end the list; its row says why.
+                outcome = Outcome("error", 0.0, note=f"{type(error).__name__}: {error}")
         failures += outcome.verdict == "error"
 
         name = f"{os.path.basename(instance.onnx)} {os.path.basename(instance.vnnlib)}"
