@@ -331,6 +331,16 @@ def test_squeeze_and_unsqueeze(tmp_path, opset):
     assert _kinds(network) == ["Flatten", "Linear", "Reshape", "Flatten"]
 
 
+def test_loading_leaves_the_global_generator_alone(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("Gemm", ["f", "G"], ["y"])]  # fmt: skip
+    path = _save(tmp_path, nodes, [1, 1, 3, 3], [_tensor("W", _random(2, 1, 2, 2)),
+                                                 _tensor("G", _random(8, 2))])  # fmt: skip
+    state = torch.get_rng_state()
+    load_onnx(str(path))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_float64_networks_stay_float64(tmp_path):
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
     graph = helper.make_graph(

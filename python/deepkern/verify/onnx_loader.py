@@ -429,7 +429,8 @@ def _elementwise(reader, node, where, layout):
 def _linear(reader, weight: np.ndarray) -> nn.Linear:
     """``nn.Linear`` with ``weight [out, in]`` and a zero bias (a later Add folds into it)."""
     out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, dtype=torch.float64)
+    # skip_init: no random initialisation (it would draw from the global generator).
+    layer = nn.utils.skip_init(nn.Linear, in_features, out_features, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor(np.asarray(weight, dtype=np.float64)))
         layer.bias.zero_()
@@ -524,7 +525,8 @@ def _conv(reader, node, where, layout):
     dilations = list(_attribute(node, "dilations", [1, 1]))
     pads = _conv_pads(node, where, (height, width), (kernel_h, kernel_w), strides, dilations)
 
-    layer = nn.Conv2d(
+    layer = nn.utils.skip_init(
+        nn.Conv2d,
         channels,
         out_channels,
         (kernel_h, kernel_w),
