@@ -285,6 +285,17 @@ def infer_input_shape(network: nn.Sequential, inputs: int) -> tuple[int, ...]:
                         if shape[0] != 1:
                             break
                         shape.pop(0)
+                elif tensor.dim() > 1:
+                    # Broadcast constants (one value, or one per channel) need as many
+                    # dimensions as they have; any such shape computes the same.
+                    channels = tensor.shape[-3] if tensor.dim() >= 3 else 1
+                    if inputs % channels == 0:
+                        side = math.isqrt(inputs // channels)
+                        if channels * side * side == inputs:
+                            candidates.append((channels, side, side))
+                        ones = (1,) * max(tensor.dim() - 3, 0)
+                        candidates.append((*ones, channels, inputs // channels, 1)[-tensor.dim() :])
+                        candidates.append((1,) * (tensor.dim() - 1) + (inputs,))
             continue
         if isinstance(module, nn.Conv2d):
             side = math.isqrt(inputs // max(module.in_channels, 1))

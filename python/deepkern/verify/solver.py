@@ -244,13 +244,15 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
     count = disjuncts.shape[0]
     lower = problem.proof_lower.expand(count, -1).clone()
     upper = problem.proof_upper.expand(count, -1).clone()
+    parents = torch.full((count,), -math.inf, dtype=torch.float64)
     proven = math.inf
     domains = rounds = 0
     while lower.shape[0]:
         problem.check_time()
         take = min(batch, lower.shape[0])
-        lo, hi, dj = lower[-take:], upper[-take:], disjuncts[-take:]
+        lo, hi, dj, parent_score = lower[-take:], upper[-take:], disjuncts[-take:], parents[-take:]
         lower, upper, disjuncts = lower[:-take], upper[:-take], disjuncts[:-take]
+        parents = parents[:-take]
         domains += take
         problem.details["domains"] = problem.details.get("domains", 0) + take
 
@@ -263,7 +265,7 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             upper_bound=False,
             intermediate_pass=_INPUT_SPLIT_PASS,
         )
-        score = _row_scores(problem, result.lower, dj)
+        score = torch.maximum(_row_scores(problem, result.lower, dj), parent_score)
         cleared = score > 0
         if bool(cleared.any()):
             proven = min(proven, float(score[cleared].min()))
@@ -306,6 +308,7 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
         lower = torch.cat([lower, lo, right_lo])
         upper = torch.cat([upper, left_hi, hi])
         disjuncts = torch.cat([disjuncts, dj, dj])
+        parents = torch.cat([parents, score, score])
 
         # The most hopeless boxes get a gradient attack now and then.
         rounds += 1
@@ -345,7 +348,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         order = priority.argsort()
         take = order[: min(batch, order.shape[0])]
         rest = order[min(batch, order.shape[0]) :]
-        dj = disjuncts[take]
+        dj, parent_score = disjuncts[take], priority[take]
         chosen = [d[take] for d in decisions]
         disjuncts, priority = disjuncts[rest], priority[rest]
         decisions = [d[rest] for d in decisions]
@@ -364,7 +367,8 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             steps=steps,
             upper_bound=False,
         )
-        score = _row_scores(problem, result.lower, dj)
+        # A parent's bound holds on its children too (splits need not tighten a bound).
+        score = torch.maximum(_row_scores(problem, result.lower, dj), parent_score)
         cleared = score > 0
         if bool(cleared.any()):
             proven = min(proven, float(score[cleared].min()))
