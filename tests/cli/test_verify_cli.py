@@ -107,8 +107,10 @@ def scripted_solver(monkeypatch):
     network reaches the property's threshold there, else 'unsat', and records each call."""
     calls = []
 
-    def verify(network, spec, *, timeout, method="alpha", seed=0):
-        calls.append({"spec": spec, "timeout": timeout, "method": method, "seed": seed})
+    def verify(network, spec, *, timeout, method="alpha", seed=0, input_shape=None):
+        calls.append(
+            {"spec": spec, "timeout": timeout, "method": method, "seed": seed, "shape": input_shape}
+        )
         region = spec.regions[0]
         x = region.upper
         y = network(x.float().reshape(1, -1)).double()[0]
@@ -138,7 +140,7 @@ def test_one_instance_prints_and_writes_the_result(tmp_path, capsys, scripted_so
     (call,) = scripted_solver
     assert call["method"] == "dual" and call["seed"] == 3
     assert 0 < call["timeout"] <= 7
-    assert call["spec"].inputs == 1 and call["spec"].outputs == 1
+    assert call["spec"].inputs == 1 and call["spec"].outputs == 1 and call["shape"] == (1,)
 
 
 def test_unsat_instance_prints_its_bound(tmp_path, capsys, scripted_solver):
@@ -213,6 +215,8 @@ def _real_solver():
 @pytest.mark.parametrize("method", ["ibp", "crown", "alpha", "dual"])
 def test_relu_on_the_unit_box_end_to_end(tmp_path, capsys, method):
     _real_solver()
+    if method == "dual":
+        pytest.importorskip("deepkern.verify.dual")
     network = _relu_network(tmp_path / "relu.onnx")
     result = tmp_path / "result.txt"
 

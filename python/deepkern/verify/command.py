@@ -78,7 +78,9 @@ def verify_instance(
     if remaining <= 0:
         return Outcome("timeout", time.perf_counter() - start, note="loading took the time")
 
-    result = verify(network, spec, timeout=remaining, method=method, seed=seed)
+    result = verify(
+        network, spec, timeout=remaining, method=method, seed=seed, input_shape=input_shape
+    )
     return Outcome(
         result.verdict,
         time.perf_counter() - start,
