@@ -264,3 +264,33 @@ def test_vnncomp_test_instances_end_to_end(tmp_path, capsys):
     assert rows["test_small.onnx"].verdict == "unsat"
     assert rows["test_sat.onnx"].verdict == "error"
     capsys.readouterr()
+
+
+def test_acasxu_counterexample_holds_under_onnx_reference(tmp_path, capsys):
+    # ACAS Xu network 1_9 violates property 4; the counterexample written to the result file
+    # must lie in the box and break the property when onnx.reference runs the original file.
+    _real_solver()
+    from onnx.reference import ReferenceEvaluator
+
+    from deepkern.verify.vnnlib import parse_vnnlib
+
+    shared = _shared_verification_data()
+    network = os.path.join(shared, "acasxu", "ACASXU_run2a_1_9_batch_2000.onnx")
+    prop = os.path.join(shared, "acasxu", "prop_4.vnnlib")
+    if not (os.path.exists(network) and os.path.exists(prop)):
+        pytest.skip("shared verification data absent")
+    result = tmp_path / "result.txt"
+    assert main(["verify", network, prop, "--timeout", "60", "--result", str(result)]) == 0
+    verdict, (x, y) = read_result(str(result))
+    assert verdict == "sat"
+
+    x32 = x.numpy().astype(np.float32).reshape(1, 1, 1, 5)
+    expected = ReferenceEvaluator(network).run(None, {"input": x32})[0].reshape(-1)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-6)
+    (region,) = parse_vnnlib(prop, 5, 5).regions
+    assert bool((x >= region.lower).all()) and bool((x <= region.upper).all())
+    (disjunct,) = region.disjuncts
+    assert (
+        disjunct.coefficients.numpy() @ expected.astype(np.float64) <= disjunct.bounds.numpy()
+    ).all()
+    capsys.readouterr()
