@@ -44,6 +44,12 @@ def _route(args: argparse.Namespace) -> int:
     return vrp.run_route(args)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from deepkern.verify import command
+
+    return command.run_verify(args)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     return args.reproduce(args)
 
@@ -91,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     route = commands.add_parser("route", help="solve a TSPLIB or CVRPLIB instance")
     vrp.add_route_arguments(route)
     route.set_defaults(run=_route)
+
+    from deepkern.verify import command as verify_command
+
+    verify = commands.add_parser(
+        "verify", help="verify ONNX networks against VNN-LIB properties (VNN-COMP results)"
+    )
+    verify_command.add_verify_arguments(verify)
+    verify.set_defaults(run=_verify)
 
     reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
     reproduce_models = reproduce.add_subparsers(dest="model", required=True)

@@ -48,9 +48,9 @@ def load_onnx(path: str) -> tuple[nn.Sequential, tuple[int, ...]]:
 
     Supported operators: ``Gemm``, ``MatMul`` (weight on either side), ``Add``, ``Sub``,
     ``Mul``, ``Div`` by a constant, ``Conv`` (2-D, symmetric padding), ``BatchNormalization``
-    (inference), ``Flatten``, ``Reshape``, ``Relu``, ``Sigmoid``, ``Tanh``, ``Identity``,
-    ``Dropout`` (inference), ``Shape`` of the data, ``Constant``, and any operator at all whose
-    inputs are constant (it is evaluated with ``onnx.reference``).
+    (inference), ``Flatten``, ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Relu``, ``Sigmoid``,
+    ``Tanh``, ``Identity``, ``Dropout`` (inference), ``Shape`` of the data, ``Constant``, and
+    any operator at all whose inputs are constant (it is evaluated with ``onnx.reference``).
 
     Args:
         path: the ``.onnx`` file.
@@ -242,12 +242,17 @@ class _GraphReader:
         if node.op_type == "Constant":
             if len(node.attribute) != 1:
                 raise OnnxImportError(f"{where} must have exactly one value attribute")
-            value = helper.get_attribute_value(node.attribute[0])
-            if node.attribute[0].name in ("value", "sparse_value"):
+            attribute = node.attribute[0]
+            value = helper.get_attribute_value(attribute)
+            if attribute.name == "value":
                 from onnx import numpy_helper
 
                 value = numpy_helper.to_array(value)
-            self.constants[node.output[0]] = np.asarray(value)
+            elif attribute.name not in _CONSTANT_TYPES:
+                raise OnnxImportError(f"{where}: attribute {attribute.name!r} is not supported")
+            else:
+                value = np.asarray(value, dtype=_CONSTANT_TYPES[attribute.name])
+            self.constants[node.output[0]] = value
             return
         try:
             evaluator = ReferenceEvaluator(node, opsets={"": self.opset})
@@ -281,6 +286,15 @@ class _GraphReader:
         if name not in self.constants:
             raise OnnxImportError(f"{where}: its {what} {name!r} must be constant")
         return self.constants[name]
+
+
+# The element types of Constant's plain attributes, as ONNX defines them.
+_CONSTANT_TYPES = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
 
 
 def _describe(node, index: int) -> str:
@@ -324,8 +338,8 @@ class _LayerList:
     def affine(self, scale: np.ndarray, shift: np.ndarray, sample: tuple[int, ...]) -> None:
         """Appends ``x * scale + shift`` (both broadcast against one sample), folded into the
         layer before when that layer is affine and the result stays exact."""
-        scale = torch.as_tensor(np.asarray(scale, dtype=np.float64))
-        shift = torch.as_tensor(np.asarray(shift, dtype=np.float64))
+        scale = torch.tensor(np.asarray(scale, dtype=np.float64))
+        shift = torch.tensor(np.asarray(shift, dtype=np.float64))
         if bool((scale == 1).all()) and bool((shift == 0).all()):
             return
         last = self.modules[-1] if self.modules else None
@@ -415,9 +429,10 @@ def _elementwise(reader, node, where, layout):
 def _linear(reader, weight: np.ndarray) -> nn.Linear:
     """``nn.Linear`` with ``weight [out, in]`` and a zero bias (a later Add folds into it)."""
     out_features, in_features = weight.shape
-    layer = nn.Linear(in_features, out_features, dtype=torch.float64)
+    # skip_init: no random initialisation (it would draw from the global generator).
+    layer = nn.utils.skip_init(nn.Linear, in_features, out_features, dtype=torch.float64)
     with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(np.asarray(weight, dtype=np.float64)))
+        layer.weight.copy_(torch.tensor(np.asarray(weight, dtype=np.float64)))
         layer.bias.zero_()
     return layer
 
@@ -510,7 +525,8 @@ def _conv(reader, node, where, layout):
     dilations = list(_attribute(node, "dilations", [1, 1]))
     pads = _conv_pads(node, where, (height, width), (kernel_h, kernel_w), strides, dilations)
 
-    layer = nn.Conv2d(
+    layer = nn.utils.skip_init(
+        nn.Conv2d,
         channels,
         out_channels,
         (kernel_h, kernel_w),
@@ -521,13 +537,13 @@ def _conv(reader, node, where, layout):
         dtype=torch.float64,
     )
     with torch.no_grad():
-        layer.weight.copy_(torch.as_tensor(weight))
+        layer.weight.copy_(torch.tensor(weight))
         layer.bias.zero_()
         if len(node.input) >= 3 and node.input[2]:
             bias = np.asarray(reader.constant(node, 2, where, "bias B"), dtype=np.float64)
             if bias.shape != (out_channels,):
                 raise OnnxImportError(f"{where}: bias must have shape [{out_channels}]")
-            layer.bias.copy_(torch.as_tensor(bias))
+            layer.bias.copy_(torch.tensor(bias))
     reader.layers.append(layer)
 
     out = [
@@ -629,6 +645,45 @@ def _reshape(reader, node, where, layout):
     return tuple(shape), layout.sample
 
 
+def _squeeze_axes(reader, node, where, layout) -> list[int]:
+    """The axes of Squeeze or Unsqueeze: an attribute before opset 13, an input from it on."""
+    _check_attributes(node, where, {"axes"})
+    if reader.opset < 13:
+        axes = _attribute(node, "axes", None)
+    elif len(node.input) >= 2 and node.input[1]:
+        axes = reader.constant(node, 1, where, "axes")
+    else:
+        axes = None
+    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+
+
+def _squeeze(reader, node, where, layout):
+    axes = _squeeze_axes(reader, node, where, layout)
+    rank = len(layout.shape)
+    if axes is None:
+        axes = [axis for axis, size in enumerate(layout.shape) if size == 1]
+    axes = {axis + rank if axis < 0 else axis for axis in axes}
+    if any(not 0 <= axis < rank or layout.shape[axis] != 1 for axis in axes):
+        raise OnnxImportError(
+            f"{where}: cannot squeeze axes {sorted(axes)} of {list(layout.shape)}"
+        )
+    shape = tuple(size for axis, size in enumerate(layout.shape) if axis not in axes)
+    return shape, layout.sample
+
+
+def _unsqueeze(reader, node, where, layout):
+    axes = _squeeze_axes(reader, node, where, layout)
+    if axes is None:
+        raise OnnxImportError(f"{where} needs axes")
+    rank = len(layout.shape) + len(axes)
+    axes = [axis + rank if axis < 0 else axis for axis in axes]
+    if len(axes) != len(set(axes)) or any(not 0 <= axis < rank for axis in axes):
+        raise OnnxImportError(f"{where}: cannot insert axes {sorted(axes)}")
+    sizes = iter(layout.shape)
+    shape = tuple(1 if axis in axes else next(sizes) for axis in range(rank))
+    return shape, layout.sample
+
+
 _HANDLERS = {
     "Relu": _activation(nn.ReLU),
     "Sigmoid": _activation(nn.Sigmoid),
@@ -645,6 +700,8 @@ _HANDLERS = {
     "BatchNormalization": _batch_norm,
     "Flatten": _flatten,
     "Reshape": _reshape,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
 }
 
 __all__ = ["OnnxImportError", "load_onnx"]

@@ -1,0 +1,554 @@
+"""A complete verifier: search for counterexamples, then branch and bound until an answer.
+
+``verify`` decides whether some input in a specification's regions drives the network's outputs
+into one of the region's disjuncts (``C y <= d``, every row). It returns ``"sat"`` with a
+counterexample, ``"unsat"`` when no such input exists, or ``"timeout"``.
+
+Search. A falsifier samples the box and runs projected gradient descent (signed steps, many
+restarts at once) on each disjunct's margin ``max over rows of (C y - d)``; a point with a
+margin at or below zero is a counterexample. Every counterexample is confirmed by running the
+network as it is (float32 for a float32 network) on the point before it is reported.
+
+Proof. A box is cleared for a disjunct when some row's lower bound of ``C y`` exceeds its ``d``
+by more than the floating-point margin below; a region is cleared when every disjunct is.
+Branch and bound splits what the bounds cannot clear:
+
+- few inputs (at most 32, e.g. ACAS Xu's 5): input splitting. Boxes are bounded by CROWN in
+  batches of thousands; the dimension split is the one whose width times the magnitude of its
+  coefficient in the bound's linear function is largest. The corner that minimises that linear
+  function is tried as a counterexample on every box, for free.
+- many inputs (e.g. MNIST's 784): ReLU splitting. A subproblem fixes some unstable ReLUs active
+  (pre-activation >= 0) or inactive (<= 0); bounds come from ``method`` (alpha-CROWN by
+  default) with the pre-activation bounds recomputed under the splits; the neuron split is the
+  unstable one whose relaxation costs the bound most (the BaBSR intercept score: the backward
+  coefficient's magnitude times the chord's offset ``-u l / (u - l)``). The subproblems with the
+  lowest bounds go first.
+
+Floating point. The network runs in float32, the bounds in float64. An ``"unsat"`` verdict must
+hold for the float32 network, so:
+
+1. The proof box is widened to the float32 numbers nearest outside the region's bounds, so
+   every float32 input the network can receive from the region lies in it.
+2. The float32 evaluation error is bounded per output: through each affine layer with fan-in n,
+   ``e' = |W| e + gamma(n + 1) (|W| |h| + |b|)`` with ``gamma(k) = k u / (1 - k u)``,
+   ``u = 2^-24`` (any summation order, with or without fused multiply-add); ReLU adds nothing,
+   tanh and sigmoid shrink the error by their Lipschitz constants (1 and 1/4) and add four
+   units in the last place of a value at most 1; ``|h|`` comes from the region's CROWN bounds.
+   A row needs its lower bound of ``C y - d`` to exceed ``|C| e``.
+3. The float64 bound arithmetic's own rounding is covered by the same propagation with
+   ``u = 2^-53``, times ten.
+
+Counterexamples are checked the other way round: the network itself, on the float32 point,
+must meet the disjunct exactly (float64 comparison of its float32 outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from deepkern.verify.bounds import (
+    METHODS,
+    PreparedNetwork,
+    compute_bounds,
+    prepare_network,
+)
+from deepkern.verify.spec import Specification
+
+__all__ = ["VerifyResult", "verify", "VERDICTS"]
+
+VERDICTS = ("sat", "unsat", "timeout", "unknown")
+
+# Input splitting works while the inputs are few; past this, splitting ReLUs wins.
+_INPUT_SPLIT_MAX_INPUTS = 32
+_INPUT_SPLIT_PASS = "backward"
+
+
+@dataclass
+class VerifyResult:
+    """The answer of :func:`verify`.
+
+    Attributes:
+        verdict: ``"sat"`` (a counterexample exists), ``"unsat"`` (the property holds),
+            ``"timeout"`` or ``"unknown"`` (the bounds cannot decide and nothing is left to
+            split).
+        counterexample: ``(x, y)``, float64 Tensor[inputs] and Tensor[outputs], for ``"sat"``:
+            ``x`` is a float32 number in the region and ``y`` the network's output on it.
+        seconds: wall-clock time spent.
+        bound: the best proven lower bound of the violation margin (``max over rows of C y - d``
+            minus the floating-point margin, minimised over the region and disjuncts): positive
+            means proved. None when nothing was bounded.
+        details: counts and timings of the search (falsifier restarts, domains, method, ...).
+    """
+
+    verdict: str
+    counterexample: tuple[Tensor, Tensor] | None
+    seconds: float
+    bound: float | None
+    details: dict = field(default_factory=dict)
+
+
+class _Counterexample(Exception):
+    def __init__(self, x: Tensor, y: Tensor):
+        super().__init__("counterexample")
+        self.x, self.y = x, y
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Unknown(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Floating point
+
+
+def _float32_enclosure(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
+    """The smallest box of float32 numbers (as float64) that holds every float32 number in
+    [lower, upper]."""
+    lo = lower.to(torch.float32)
+    hi = upper.to(torch.float32)
+    below = lo.to(torch.float64) > lower
+    lo = torch.where(below, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+    above = hi.to(torch.float64) < upper
+    hi = torch.where(above, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+    return lo.to(torch.float64), hi.to(torch.float64)
+
+
+def _gamma(k: int, unit: float) -> float:
+    return k * unit / (1 - k * unit)
+
+
+def _activate(kind: str, x: Tensor) -> Tensor:
+    if kind == "relu":
+        return torch.relu(x)
+    return torch.sigmoid(x) if kind == "sigmoid" else torch.tanh(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem: one region, its disjuncts as padded row blocks
+
+
+class _Problem:
+    def __init__(self, network, net, region, deadline, generator, details, run_dtype):
+        self.network, self.net = network, net
+        self.deadline, self.generator, self.details = deadline, generator, details
+        self.run_dtype = run_dtype
+        self.lower, self.upper = region.lower.to(torch.float64), region.upper.to(torch.float64)
+        if run_dtype == torch.float32:
+            self.proof_lower, self.proof_upper = _float32_enclosure(self.lower, self.upper)
+        else:
+            self.proof_lower, self.proof_upper = self.lower, self.upper
+
+        # Disjuncts padded to the same number of rows by repeating their first row (a repeat
+        # changes no maximum over rows).
+        rows = max(d.coefficients.shape[0] for d in region.disjuncts)
+        coefficients, bounds = [], []
+        for disjunct in region.disjuncts:
+            c = disjunct.coefficients.to(torch.float64)
+            d = disjunct.bounds.to(torch.float64).reshape(-1)
+            pad = rows - c.shape[0]
+            coefficients.append(torch.cat([c, c[:1].expand(pad, -1)]))
+            bounds.append(torch.cat([d, d[:1].expand(pad)]))
+        self.coefficients = torch.stack(coefficients)  # [J, R, outputs]
+        self.thresholds = torch.stack(bounds)  # [J, R]
+
+        # The bounds cover the network as it computes (its rounding model); a row is cleared
+        # when its lower bound of C y beats d by more than a slack for float64's own rounding.
+        unit = 2.0**-24 if run_dtype == torch.float32 else 2.0**-53
+        self.net = replace(net, rounding_unit=unit)
+        self.margins = 1e-9 * (1 + self.thresholds.abs())
+        self.clear_at = self.thresholds + self.margins
+
+    def check_time(self) -> None:
+        if time.perf_counter() > self.deadline:
+            raise _Timeout
+
+    def violation(self, y: Tensor, disjunct: Tensor) -> Tensor:
+        """max over rows of C y - d for outputs y [N, outputs] against disjuncts [N]."""
+        c, d = self.coefficients[disjunct], self.thresholds[disjunct]
+        return ((c @ y.unsqueeze(-1)).squeeze(-1) - d).amax(-1)
+
+    def confirm(self, x: Tensor, disjunct: Tensor) -> None:
+        """Raises _Counterexample for the first candidate that the network as it runs confirms."""
+        if x.shape[0] == 0:
+            return
+        point = x.to(self.run_dtype)
+        wide = point.to(torch.float64)
+        point = torch.where(
+            wide < self.lower, torch.nextafter(point, torch.full_like(point, math.inf)), point
+        )
+        wide = point.to(torch.float64)
+        point = torch.where(
+            wide > self.upper, torch.nextafter(point, torch.full_like(point, -math.inf)), point
+        )
+        wide = point.to(torch.float64)
+        inside = ((wide >= self.lower) & (wide <= self.upper)).all(-1)
+        with torch.no_grad():
+            shaped = point.reshape(-1, *self.net.input_shape)
+            y = self.network(shaped).to(torch.float64).reshape(point.shape[0], -1)
+        c, d = self.coefficients[disjunct], self.thresholds[disjunct]
+        meets = ((c @ y.unsqueeze(-1)).squeeze(-1) <= d).all(-1) & inside
+        if bool(meets.any()):
+            first = int(meets.nonzero()[0, 0])
+            raise _Counterexample(wide[first].clone(), y[first].clone())
+
+    # -----------------------------------------------------------------------------------------
+    # Falsifier
+
+    def attack(self, lower, upper, disjunct, restarts: int, steps: int) -> None:
+        """Random points and PGD in each box [N, n] on its disjunct [N]; raises on success."""
+        count = lower.shape[0]
+        width = (upper - lower).unsqueeze(1)
+        start = torch.rand(count, restarts, lower.shape[1], generator=self.generator)
+        x = (lower.unsqueeze(1) + width * start).reshape(count * restarts, -1)
+        box_lo = lower.repeat_interleave(restarts, 0)
+        box_hi = upper.repeat_interleave(restarts, 0)
+        target = disjunct.repeat_interleave(restarts, 0)
+        width = (box_hi - box_lo).clamp_min(0)
+        for step in range(steps + 1):
+            x = x.detach().requires_grad_(True)
+            score = self.violation(self.net.forward(x), target)
+            candidates = score.detach() <= 0
+            if bool(candidates.any()):
+                self.confirm(x.detach()[candidates], target[candidates])
+            if step == steps:
+                break
+            (gradient,) = torch.autograd.grad(score.sum(), x)
+            size = 0.5 * width * (1 - step / steps) ** 2 + 1e-3 * width
+            with torch.no_grad():
+                x = torch.minimum(torch.maximum(x - size * gradient.sign(), box_lo), box_hi)
+            self.check_time()
+        self.details["attack_points"] = self.details.get("attack_points", 0) + x.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Branch and bound
+
+
+def _row_scores(problem: _Problem, lower_rows: Tensor, disjunct: Tensor) -> Tensor:
+    """Per domain: max over rows of (lower bound - d - margin); > 0 means cleared."""
+    return (lower_rows - problem.clear_at[disjunct]).amax(-1)
+
+
+def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
+    """Input-splitting branch and bound over all disjuncts; returns the proven bound."""
+    net = problem.net
+    count = disjuncts.shape[0]
+    lower = problem.proof_lower.expand(count, -1).clone()
+    upper = problem.proof_upper.expand(count, -1).clone()
+    parents = torch.full((count,), -math.inf, dtype=torch.float64)
+    proven = math.inf
+    domains = rounds = 0
+    while lower.shape[0]:
+        problem.check_time()
+        take = min(batch, lower.shape[0])
+        lo, hi, dj, parent_score = lower[-take:], upper[-take:], disjuncts[-take:], parents[-take:]
+        lower, upper, disjuncts = lower[:-take], upper[:-take], disjuncts[:-take]
+        parents = parents[:-take]
+        domains += take
+        problem.details["domains"] = problem.details.get("domains", 0) + take
+
+        result = compute_bounds(
+            net,
+            lo,
+            hi,
+            problem.coefficients[dj],
+            "crown",
+            upper_bound=False,
+            intermediate_pass=_INPUT_SPLIT_PASS,
+        )
+        score = torch.maximum(_row_scores(problem, result.lower, dj), parent_score)
+        cleared = score > 0
+        if bool(cleared.any()):
+            proven = min(proven, float(score[cleared].min()))
+        keep = ~cleared
+        if not bool(keep.any()):
+            continue
+        lo, hi, dj, score = lo[keep], hi[keep], dj[keep], score[keep]
+        rows = result.lower[keep] - problem.clear_at[dj]
+        a = result.input_coefficients[keep]
+
+        # The row nearest to clearing decides; its bound's minimiser is a candidate.
+        best_row = rows.argmax(-1)
+        a_best = a[torch.arange(a.shape[0]), best_row]
+        corner = torch.where(a_best > 0, lo, hi)
+        center = (lo + hi) / 2
+        candidates = torch.cat([corner, center])
+        targets = torch.cat([dj, dj])
+        y = net.forward(candidates)
+        hits = problem.violation(y, targets) <= 0
+        if bool(hits.any()):
+            problem.confirm(candidates[hits], targets[hits])
+
+        # Boxes too thin to split further in float64 cannot be decided here.
+        width = hi - lo
+        widest = width.amax(-1)
+        stuck = widest <= 1e-12 * (1 + torch.maximum(lo.abs(), hi.abs()).amax(-1))
+        if bool(stuck.any()):
+            problem.attack(lo[stuck], hi[stuck], dj[stuck], restarts=8, steps=20)
+            raise _Unknown
+
+        choice = (a_best.abs() * width).argmax(-1)
+        zero_coefficient = (a_best.abs() * width).amax(-1) <= 0
+        choice = torch.where(zero_coefficient, width.argmax(-1), choice)
+        rows_index = torch.arange(lo.shape[0])
+        middle = center[rows_index, choice]
+        left_hi = hi.clone()
+        left_hi[rows_index, choice] = middle
+        right_lo = lo.clone()
+        right_lo[rows_index, choice] = middle
+        lower = torch.cat([lower, lo, right_lo])
+        upper = torch.cat([upper, left_hi, hi])
+        disjuncts = torch.cat([disjuncts, dj, dj])
+        parents = torch.cat([parents, score, score])
+
+        # The most hopeless boxes get a gradient attack now and then.
+        rounds += 1
+        if rounds % 8 == 0:
+            worst = score.argsort()[: max(1, min(64, score.shape[0]))]
+            problem.attack(lo[worst], hi[worst], dj[worst], restarts=4, steps=15)
+    return proven
+
+
+def _split_tensors(net: PreparedNetwork, decisions: list[Tensor]) -> list:
+    splits = []
+    for index, kind in enumerate(net.activation_kinds):
+        if kind != "relu":
+            splits.append(None)
+            continue
+        state = decisions[index]
+        zero = torch.zeros(state.shape, dtype=net.dtype)
+        lo = torch.where(state > 0, zero, torch.full_like(zero, -math.inf))
+        hi = torch.where(state < 0, zero, torch.full_like(zero, math.inf))
+        splits.append((lo, hi))
+    return splits
+
+
+def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -> float:
+    """ReLU-splitting branch and bound, lowest bounds first; returns the proven bound."""
+    net = problem.net
+    units = net.activation_units
+    relu_layers = [i for i, k in enumerate(net.activation_kinds) if k == "relu"]
+    count = disjuncts.shape[0]
+    decisions = [torch.zeros(count, u, dtype=torch.int8) for u in units]
+    priority = torch.full((count,), -math.inf, dtype=torch.float64)
+    proven = math.inf
+    domains = 0
+    steps = 10 if method == "alpha" else None
+    while disjuncts.shape[0]:
+        problem.check_time()
+        order = priority.argsort()
+        take = order[: min(batch, order.shape[0])]
+        rest = order[min(batch, order.shape[0]) :]
+        dj, parent_score = disjuncts[take], priority[take]
+        chosen = [d[take] for d in decisions]
+        disjuncts, priority = disjuncts[rest], priority[rest]
+        decisions = [d[rest] for d in decisions]
+        domains += dj.shape[0]
+
+        size = dj.shape[0]
+        lo = problem.proof_lower.expand(size, -1)
+        hi = problem.proof_upper.expand(size, -1)
+        result = compute_bounds(
+            net,
+            lo,
+            hi,
+            problem.coefficients[dj],
+            method,
+            splits=_split_tensors(net, chosen),
+            steps=steps,
+            upper_bound=False,
+        )
+        # A parent's bound holds on its children too (splits need not tighten a bound).
+        score = torch.maximum(_row_scores(problem, result.lower, dj), parent_score)
+        cleared = score > 0
+        if bool(cleared.any()):
+            proven = min(proven, float(score[cleared].min()))
+        keep = ~cleared
+        if not bool(keep.any()):
+            continue
+        dj, score = dj[keep], score[keep]
+        chosen = [d[keep] for d in chosen]
+        rows = result.lower[keep] - problem.clear_at[dj]
+        best_row = rows.argmax(-1)
+
+        # BaBSR intercept score of every unstable, unsplit ReLU.
+        best_score = torch.full((dj.shape[0],), -1.0, dtype=torch.float64)
+        best_layer = torch.zeros(dj.shape[0], dtype=torch.long)
+        best_unit = torch.zeros(dj.shape[0], dtype=torch.long)
+        for index in relu_layers:
+            low, high = result.intermediate[index]
+            low, high = low[keep], high[keep]
+            record = result.activation_coefficients[index]
+            if record is None:
+                continue
+            a = record[keep][torch.arange(dj.shape[0]), best_row]
+            unstable = (low < 0) & (high > 0) & (chosen[index] == 0)
+            offset = -high * low / (high - low).clamp_min(1e-30)
+            layer_score = torch.where(
+                unstable, a.clamp(max=0).abs() * offset + 1e-6 * (high - low), -1.0
+            )
+            value, unit = layer_score.max(-1)
+            better = value > best_score
+            best_score = torch.where(better, value, best_score)
+            best_layer = torch.where(better, torch.full_like(best_layer, index), best_layer)
+            best_unit = torch.where(better, unit, best_unit)
+        if bool((best_score < 0).any()):
+            # Every ReLU fixed and the bound still negative: the relaxation is exact here, so
+            # the minimiser is a counterexample unless floating point says otherwise.
+            raise _Unknown
+
+        rows_index = torch.arange(dj.shape[0])
+        active = [d.clone() for d in chosen]
+        inactive = [d.clone() for d in chosen]
+        for index in relu_layers:
+            here = best_layer == index
+            active[index][rows_index[here], best_unit[here]] = 1
+            inactive[index][rows_index[here], best_unit[here]] = -1
+        decisions = [torch.cat([d, a, b]) for d, a, b in zip(decisions, active, inactive)]
+        disjuncts = torch.cat([disjuncts, dj, dj])
+        priority = torch.cat([priority, score, score])
+    problem.details["domains"] = problem.details.get("domains", 0) + domains
+    return proven
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _check_spec(spec: Specification, net: PreparedNetwork) -> None:
+    if not isinstance(spec, Specification):
+        raise ValueError(f"spec must be a Specification, got {type(spec).__name__}")
+    if spec.inputs != net.inputs or spec.outputs != net.outputs:
+        raise ValueError(
+            f"spec has {spec.inputs} inputs and {spec.outputs} outputs; the network has "
+            f"{net.inputs} and {net.outputs}"
+        )
+    for number, region in enumerate(spec.regions):
+        if region.lower.shape != (net.inputs,) or region.upper.shape != (net.inputs,):
+            raise ValueError(f"spec region {number}: lower and upper must be [{net.inputs}]")
+        if not bool(torch.isfinite(region.lower).all() and torch.isfinite(region.upper).all()):
+            raise ValueError(f"spec region {number}: every input needs finite bounds")
+        for j, disjunct in enumerate(region.disjuncts):
+            c = disjunct.coefficients
+            if c.dim() != 2 or c.shape[1] != net.outputs or c.shape[0] < 1:
+                raise ValueError(
+                    f"spec region {number} disjunct {j}: coefficients must be [k >= 1, "
+                    f"{net.outputs}], got {tuple(c.shape)}"
+                )
+            if disjunct.bounds.numel() != c.shape[0]:
+                raise ValueError(
+                    f"spec region {number} disjunct {j}: bounds must have {c.shape[0]} values"
+                )
+
+
+def verify(
+    network: nn.Sequential,
+    spec: Specification,
+    *,
+    timeout: float,
+    method: str = "alpha",
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+) -> VerifyResult:
+    """Decides whether ``spec`` has a counterexample on ``network``.
+
+    Args:
+        network: a verifiable ``nn.Sequential`` (see :mod:`deepkern.verify`); it is run as it
+            is (its own dtype) to confirm counterexamples.
+        spec: the specification; its boxes are flat, ``spec.inputs`` features.
+        timeout: seconds of wall-clock time (> 0).
+        method: the bound for the first pass and for ReLU splitting: ``"ibp"``, ``"crown"``,
+            ``"alpha"`` or ``"dual"``. Input splitting uses CROWN, whose boxes are cheap.
+        seed: seeds the falsifier's random points.
+        input_shape: one sample's shape when the network needs more than flat vectors and
+            cannot tell.
+
+    Returns:
+        VerifyResult.
+
+    Raises:
+        ValueError: a bad network, spec, method or timeout.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if not isinstance(spec, Specification):
+        raise ValueError(f"spec must be a Specification, got {type(spec).__name__}")
+    net = prepare_network(network, input_shape, inputs=spec.inputs)
+    _check_spec(spec, net)
+    run_dtype = next((p.dtype for p in network.parameters()), torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    details: dict = {"method": method}
+    deadline = start + timeout
+    bound = math.inf
+
+    def finish(verdict, counterexample=None):
+        seconds = time.perf_counter() - start
+        final = None if bound == math.inf or verdict == "sat" else bound
+        return VerifyResult(verdict, counterexample, seconds, final, details)
+
+    try:
+        problems = [
+            _Problem(network, net, region, deadline, generator, details, run_dtype)
+            for region in spec.regions
+            if region.disjuncts
+        ]
+        # Falsify every region first: a counterexample anywhere ends the search.
+        for problem in problems:
+            every = torch.arange(problem.coefficients.shape[0])
+            restarts = 64 if net.inputs <= _INPUT_SPLIT_MAX_INPUTS else 16
+            problem.attack(
+                problem.lower.expand(every.shape[0], -1),
+                problem.upper.expand(every.shape[0], -1),
+                every,
+                restarts=restarts,
+                steps=50,
+            )
+        details["falsifier_seconds"] = time.perf_counter() - start
+
+        for problem in problems:
+            bound = min(bound, _prove(problem, method))
+    except _Counterexample as found:
+        details["counterexample_after"] = time.perf_counter() - start
+        return finish("sat", (found.x, found.y))
+    except _Timeout:
+        return finish("timeout")
+    except _Unknown:
+        return finish("unknown")
+    return finish("unsat")
+
+
+def _prove(problem: _Problem, method: str) -> float:
+    """Proves one region or raises; returns the proven bound."""
+    net = problem.net
+    every = torch.arange(problem.coefficients.shape[0])
+    count = every.shape[0]
+    lo = problem.proof_lower.expand(count, -1)
+    hi = problem.proof_upper.expand(count, -1)
+    first = compute_bounds(net, lo, hi, problem.coefficients, method, upper_bound=False)
+    score = _row_scores(problem, first.lower, every)
+    problem.details["root_bound"] = float(score.min())
+    open_disjuncts = every[score <= 0]
+    proven = float(score[score > 0].min()) if bool((score > 0).any()) else math.inf
+    if open_disjuncts.shape[0] == 0:
+        return proven
+    has_relu = "relu" in net.activation_kinds
+    if net.inputs <= _INPUT_SPLIT_MAX_INPUTS or not has_relu:
+        problem.details["strategy"] = "input split"
+        found = _input_split(problem, open_disjuncts, batch=2048)
+    else:
+        problem.details["strategy"] = "relu split"
+        # The dual bound takes the CROWN family's place inside the search (see _prove's caller).
+        found = _relu_split(problem, open_disjuncts, "alpha" if method == "dual" else method, 64)
+    return min(proven, found)
