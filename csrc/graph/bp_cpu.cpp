@@ -4,6 +4,8 @@
 // sums the messages into every node (through the CSR of incoming edges), then updates every
 // message from its source's cavity. Sum-product takes its exponentials and logarithms from
 // bp_cpu_math.h, a chunk of edges at a time, so that they vectorise; max-product needs none.
+// Two-state sum-product, the common case, has a path of its own (run_binary_graph) that
+// carries one difference per node and edge through loops over contiguous arrays.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -74,21 +76,29 @@ struct BinaryChunk {
   T undamped;
 };
 
-// The largest change of the chunk's trusted messages, NaN if any is NaN. Absolute values order
-// like their bit patterns read as integers, with NaN above infinity, so that an integer maximum
-// (which vectorises, unlike a NaN-aware floating one) finds the largest change and keeps a NaN.
+// The largest change of the chunk's trusted messages, NaN if any is NaN, and how many messages
+// were not trusted.
+template <typename T>
+struct BinaryChunkResult {
+  T change;
+  int64_t untrusted;
+};
+
+// Absolute values order like their bit patterns read as integers, with NaN above infinity, so that
+// an integer maximum (which vectorises, unlike a NaN-aware floating one) finds the largest change
+// and keeps a NaN.
 template <typename T, bool kDamped>
-C10_ALWAYS_INLINE T binary_sum_loop(int64_t n, const T* __restrict cavity, const T* __restrict w00,
-                                    const T* __restrict w01, const T* __restrict w10,
-                                    const T* __restrict w11, const T* __restrict old_first,
-                                    const T* __restrict old_second, T* __restrict first,
-                                    T* __restrict second, T* __restrict difference,
-                                    bool* __restrict trusted, T damping, T undamped) {
+C10_ALWAYS_INLINE BinaryChunkResult<T> binary_sum_loop(
+    int64_t n, const T* __restrict cavity, const T* __restrict w00, const T* __restrict w01,
+    const T* __restrict w10, const T* __restrict w11, const T* __restrict old_first,
+    const T* __restrict old_second, T* __restrict first, T* __restrict second,
+    T* __restrict difference, bool* __restrict trusted, T damping, T undamped) {
   using Int = typename MathBits<T>::Int;
   constexpr Int kMagnitude = std::numeric_limits<Int>::max();  // all bits but the sign
   const auto exp_fn = [](T x) { return vector_exp(x); };
   const auto log_fn = [](T x) { return vector_log(x); };
   Int change = 0;
+  Int untrusted = 0;
   for (int64_t j = 0; j < n; ++j) {
     BinaryMessage<T> m =
         binary_sum_message(cavity[j], w00[j], w01[j], w10[j], w11[j], exp_fn, log_fn);
@@ -104,23 +114,26 @@ C10_ALWAYS_INLINE T binary_sum_loop(int64_t n, const T* __restrict cavity, const
     const Int a1 = std::bit_cast<Int>(T(m.second - old_second[j])) & kMagnitude;
     const Int lane = m.trusted ? (a0 < a1 ? a1 : a0) : Int(0);
     change = lane > change ? lane : change;
+    untrusted += m.trusted ? Int(0) : Int(1);
   }
-  return std::bit_cast<T>(change);
+  return {std::bit_cast<T>(change), static_cast<int64_t>(untrusted)};
 }
 
 template <typename T, bool kDamped>
-C10_ALWAYS_INLINE T binary_sum_loop(const BinaryChunk<T>& c, int64_t n) {
+C10_ALWAYS_INLINE BinaryChunkResult<T> binary_sum_loop(const BinaryChunk<T>& c, int64_t n) {
   const T* w = c.weights;
   return binary_sum_loop<T, kDamped>(n, c.cavity, w, w + c.stride, w + 2 * c.stride,
                                      w + 3 * c.stride, c.old_first, c.old_second, c.first, c.second,
                                      c.difference, c.trusted, c.damping, c.undamped);
 }
 
-DEEPKERN_BP_CLONES float binary_sum_chunk(const BinaryChunk<float>& c, int64_t n) {
+DEEPKERN_BP_CLONES BinaryChunkResult<float> binary_sum_chunk(const BinaryChunk<float>& c,
+                                                             int64_t n) {
   return c.damping != 0.0f ? binary_sum_loop<float, true>(c, n)
                            : binary_sum_loop<float, false>(c, n);
 }
-DEEPKERN_BP_CLONES double binary_sum_chunk(const BinaryChunk<double>& c, int64_t n) {
+DEEPKERN_BP_CLONES BinaryChunkResult<double> binary_sum_chunk(const BinaryChunk<double>& c,
+                                                              int64_t n) {
   return c.damping != 0.0 ? binary_sum_loop<double, true>(c, n)
                           : binary_sum_loop<double, false>(c, n);
 }
@@ -138,6 +151,7 @@ struct Problem {
   const T* unary;
   const T* pairwise;
   const int64_t* src;
+  const int64_t* dst;
   const int64_t* reverse;
   const int64_t* node_ptr;
   const int64_t* node_order;
@@ -162,9 +176,10 @@ struct Problem {
   int64_t* edge_position;  // [E] by edge
   int64_t* source_at;      // [E] by edge position: the source's node position
   int64_t* reverse_at;     // [E] by edge position: the reverse edge's position
-  int64_t* in_at;          // [E]: in_edges as positions
+  int64_t* target_at;      // [E] by edge position: the destination's node position
   T* weights;              // [4, E]: W(a, b) = exp(P(a, b) - max P), row 2 a + b
   T* binary_messages;      // [2, 3, E]: two buffers of first, second, first - second
+  T* unary_gap;            // [V] by node position: unary(0) - unary(1)
   T* belief;               // [V] by node position: unary and incoming differences
 };
 
@@ -386,11 +401,11 @@ void run_binary_graph(const Problem<T>& p, int64_t g) {
     p.source_at[k] = p.node_position[p.src[e]];
     p.reverse_at[k] = p.edge_position[p.reverse[e]];
   }
+  // The destination of an edge is the source of its reverse.
+  for (int64_t k = first_edge; k < last_edge; ++k) p.target_at[k] = p.source_at[p.reverse_at[k]];
   for (int64_t i = first; i < last; ++i) {
     const int64_t v = p.node_order[i];
-    for (int64_t j = p.in_ptr[v]; j < p.in_ptr[v + 1]; ++j) {
-      p.in_at[j] = p.edge_position[p.in_edges[j]];
-    }
+    p.unary_gap[i] = p.unary[2 * v] - p.unary[2 * v + 1];
   }
 
   // Weights W(a, b) = exp(P(a, b) - max P), row 2 a + b.
@@ -416,13 +431,12 @@ void run_binary_graph(const Problem<T>& p, int64_t g) {
   int64_t iteration = 0;
   bool done = false;
   while (iteration < p.max_iters) {
+    // Sum the incoming differences edge by edge. Edge positions and the incoming edges of a
+    // node both run in the order of the edge ids, so the terms add up in the order of the
+    // generic path.
     const T* difference = current + 2 * E;
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t v = p.node_order[i];
-      T sum = p.unary[2 * v] - p.unary[2 * v + 1];
-      for (int64_t j = p.in_ptr[v]; j < p.in_ptr[v + 1]; ++j) sum += difference[p.in_at[j]];
-      p.belief[i] = sum;
-    }
+    std::copy(p.unary_gap + first, p.unary_gap + last, p.belief + first);
+    for (int64_t k = first_edge; k < last_edge; ++k) p.belief[p.target_at[k]] += difference[k];
 
     T change = T(0);
     for (int64_t k = first_edge; k < last_edge; k += kChunkValues) {
@@ -435,10 +449,11 @@ void run_binary_graph(const Problem<T>& p, int64_t g) {
       const BinaryChunk<T> chunk{
           cavity,       p.weights + k,    E,       current + k, current + E + k, next + k,
           next + E + k, next + 2 * E + k, trusted, p.damping,   p.undamped};
-      change = worse_change(change, binary_sum_chunk(chunk, count));
+      const BinaryChunkResult<T> result = binary_sum_chunk(chunk, count);
+      change = worse_change(change, result.change);
 
       // Extreme potentials: the generic message, from the cavity (d, 0).
-      for (int j = 0; j < count; ++j) {
+      for (int j = 0; j < count && result.untrusted > 0; ++j) {
         if (trusted[j]) continue;
         const T* pair = p.pairwise + p.edge_order[k + j] * 4;
         const T c[2] = {cavity[j], T(0)};
@@ -461,12 +476,29 @@ void run_binary_graph(const Problem<T>& p, int64_t g) {
     }
   }
 
+  // Messages back in edge order, and the marginals: the incoming messages summed edge by edge
+  // (in the order of gather_incoming) plus the unary, normalised.
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    p.marginals[2 * v] = T(0);
+    p.marginals[2 * v + 1] = T(0);
+  }
   for (int64_t k = first_edge; k < last_edge; ++k) {
     const int64_t e = p.edge_order[k];
+    const int64_t v = p.dst[e];
     p.messages[2 * e] = current[k];
     p.messages[2 * e + 1] = current[E + k];
+    p.marginals[2 * v] += current[k];
+    p.marginals[2 * v + 1] += current[E + k];
   }
-  finish_graph<T, 2>(p, g, iteration, done);
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    T* marginal = p.marginals + 2 * v;
+    for (int b = 0; b < 2; ++b) marginal[b] = p.unary[2 * v + b] + marginal[b];
+    normalise<T, 2>(2, true, marginal);
+  }
+  p.iterations[g] = iteration;
+  p.converged[g] = done;
 }
 
 template <typename T, int kFixed>
@@ -489,11 +521,13 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
   check_device_type(unary, "unary", c10::DeviceType::CPU);
   const BPInputs in = check_bp_inputs(unary, pairwise, src, dst, reverse, node_graph, num_graphs,
                                       mode, damping, tol, max_iters);
-  const BPLayout layout = make_bp_layout(in);
   const int64_t V = in.nodes;
   const int64_t E = in.edges;
   const int64_t S = in.states;
   const bool sum_product = mode == kSumProduct;
+  const bool binary = sum_product && S == 2;
+  // The two-state path sums incoming messages edge by edge: no incoming-edge lists.
+  const BPLayout layout = make_bp_layout(in, /*incoming=*/!binary);
 
   at::Tensor marginals = at::empty({V, S}, in.unary.options());
   at::Tensor messages = at::empty({E, S}, in.unary.options());
@@ -503,13 +537,12 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
   at::Tensor incoming = at::empty({V, S}, in.unary.options());
   // Sum-product constants: the generic path's per edge, or the two-state path's positions,
   // weights and difference messages (run_binary_graph).
-  const bool binary = sum_product && S == 2;
   const bool generic_sum = sum_product && !binary;
   at::Tensor kernel = at::empty({generic_sum ? E : 0, S, S}, in.unary.options());
   at::Tensor shift = at::empty({generic_sum ? E : 0, S}, in.unary.options());
   at::Tensor scale = at::empty({generic_sum ? E : 0, S}, in.unary.options());
   at::Tensor positions = at::empty({binary ? V + 4 * E : 0}, in.src.options());
-  at::Tensor binary_values = at::empty({binary ? V + 10 * E : 0}, in.unary.options());
+  at::Tensor binary_values = at::empty({binary ? 2 * V + 10 * E : 0}, in.unary.options());
   if (in.graphs == 0) return {marginals, messages, iterations, converged};
 
   AT_DISPATCH_FLOATING_TYPES(in.unary.scalar_type(), kLoopyBPName, [&] {
@@ -532,13 +565,14 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
                        in.unary.const_data_ptr<T>(),
                        in.pairwise.const_data_ptr<T>(),
                        in.src.const_data_ptr<int64_t>(),
+                       in.dst.const_data_ptr<int64_t>(),
                        in.reverse.const_data_ptr<int64_t>(),
                        layout.node_ptr.const_data_ptr<int64_t>(),
                        layout.node_order.const_data_ptr<int64_t>(),
                        layout.edge_ptr.const_data_ptr<int64_t>(),
                        layout.edge_order.const_data_ptr<int64_t>(),
-                       layout.in_ptr.const_data_ptr<int64_t>(),
-                       layout.in_edges.const_data_ptr<int64_t>(),
+                       binary ? nullptr : layout.in_ptr.const_data_ptr<int64_t>(),
+                       binary ? nullptr : layout.in_edges.const_data_ptr<int64_t>(),
                        messages.mutable_data_ptr<T>(),
                        spare.mutable_data_ptr<T>(),
                        incoming.mutable_data_ptr<T>(),
@@ -555,7 +589,8 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
                        position_row(V + 3 * E),
                        binary_row(0),
                        binary_row(4 * E),
-                       binary_row(10 * E)};
+                       binary_row(10 * E),
+                       binary_row(10 * E + V)};
     switch (S) {
       case 2:
         run_graphs<T, 2>(p, in.graphs);
