@@ -144,6 +144,49 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_product_message(int states, const T* 
   normalise<T, kFixed>(states, true, out);
 }
 
+// Two states. Only the cavity difference d = c(0) - c(1) matters, so that an update needs one
+// exponential and two logarithms: with the edge weights W(a, b) = exp(P(a, b) - max P) in (0, 1]
+// and t = exp(-|d|), the larger cavity state weighs 1 and the other t, and
+//   v(b) = w(0) W(0, b) + w(1) W(1, b),   m(b) = log(v(b) / (v(0) + v(1))).
+// `trusted` is false when some v(b) is too small for this to hold to rounding (then the first
+// and second values are 0 and the caller takes the generic path).
+template <typename T>
+struct BinaryMessage {
+  T first;
+  T second;
+  bool trusted;
+};
+
+template <typename T, typename Exp, typename Log>
+C10_HOST_DEVICE C10_ALWAYS_INLINE BinaryMessage<T> binary_sum_message(T d, T w00, T w01, T w10,
+                                                                      T w11, Exp exp_fn,
+                                                                      Log log_fn) {
+  const T t = exp_fn(d < T(0) ? d : -d);
+  const bool zero_leads = d >= T(0);
+  const T weight0 = zero_leads ? T(1) : t;
+  const T weight1 = zero_leads ? t : T(1);
+  const T v0 = weight0 * w00 + weight1 * w10;
+  const T v1 = weight0 * w01 + weight1 * w11;
+  const bool trusted = (v0 < v1 ? v0 : v1) >= trusted_sum<T>();
+  const T inverse = T(1) / (v0 + v1);
+  const T first = log_fn(trusted ? v0 * inverse : T(1));
+  const T second = log_fn(trusted ? v1 * inverse : T(1));
+  return {first, second, trusted};
+}
+
+// damping * old + (1 - damping) * fresh, normalised again (two-state normalise).
+template <typename T, typename Exp, typename Log>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void damp_binary(T damping, T undamped, T old_first, T old_second,
+                                                   T& first, T& second, Exp exp_fn, Log log_fn) {
+  const T x0 = damping * old_first + undamped * first;
+  const T x1 = damping * old_second + undamped * second;
+  const T gap = x0 - x1;
+  const T top = gap < T(0) ? x1 : x0;
+  const T shift = top + log_fn(T(1) + exp_fn(gap < T(0) ? gap : -gap));
+  first = x0 - shift;
+  second = x1 - shift;
+}
+
 // Normalised max-product message: m(b) = max_a (c(a) + P(a, b)) minus its maximum over b.
 template <typename T, int kFixed>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void max_product_message(int states, const T* cavity,

@@ -1,6 +1,9 @@
 #include <ATen/ATen.h>
 
+#include <bit>
 #include <cmath>
+#include <cstdint>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,44 +59,69 @@ std::vector<bool> structure_flags_device(const BPInputs& in) {
 }
 
 // The same checks in single loops on the CPU, where a dozen tensor operations would cost as
-// much as belief propagation itself on a batch of small graphs.
-template <typename T>
+// much as belief propagation itself on a batch of small graphs. The loops count failures
+// without branches, so that they vectorise.
+
+// A value is finite unless its exponent bits are all set (infinity and NaN).
+template <typename T, typename Int>
 bool all_finite(const at::Tensor& t) {
+  static_assert(sizeof(T) == sizeof(Int));
+  constexpr Int kExponent = sizeof(T) == 4 ? Int(0x7f800000) : Int(0x7ff0000000000000);
   const T* data = t.const_data_ptr<T>();
-  bool ok = true;
-  for (int64_t i = 0; i < t.numel(); ++i) ok &= std::isfinite(data[i]);
-  return ok;
+  const int64_t n = t.numel();
+  Int failures = 0;
+  for (int64_t i = 0; i < n; ++i)
+    failures |= (std::bit_cast<Int>(data[i]) & kExponent) == kExponent;
+  return failures == 0;
 }
 
+// 0 <= value < end when neither the value nor end - 1 - value has its sign bit set: ORs and
+// subtractions only, which vectorise without 64-bit comparisons (unsigned, so that nothing
+// overflows).
 bool all_below(const at::Tensor& t, int64_t end) {
   const int64_t* data = t.const_data_ptr<int64_t>();
-  bool ok = true;
-  for (int64_t i = 0; i < t.numel(); ++i) ok &= data[i] >= 0 && data[i] < end;
-  return ok;
+  const int64_t n = t.numel();
+  const uint64_t last = static_cast<uint64_t>(end) - 1;
+  uint64_t signs = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t value = static_cast<uint64_t>(data[i]);
+    signs |= value | (last - value);
+  }
+  return (signs >> 63) == 0;
 }
 
 std::vector<bool> range_flags_cpu(const BPInputs& in) {
   const bool single = in.unary.scalar_type() == at::kFloat;
-  return {single ? all_finite<float>(in.unary) : all_finite<double>(in.unary),
-          single ? all_finite<float>(in.pairwise) : all_finite<double>(in.pairwise),
-          all_below(in.src, in.nodes),
-          all_below(in.dst, in.nodes),
-          all_below(in.reverse, in.edges),
-          all_below(in.node_graph, in.graphs)};
+  return {
+      single ? all_finite<float, int32_t>(in.unary) : all_finite<double, int64_t>(in.unary),
+      single ? all_finite<float, int32_t>(in.pairwise) : all_finite<double, int64_t>(in.pairwise),
+      all_below(in.src, in.nodes),
+      all_below(in.dst, in.nodes),
+      all_below(in.reverse, in.edges),
+      all_below(in.node_graph, in.graphs)};
 }
 
 template <typename T>
 bool transposed_pairs(const at::Tensor& pairwise, const int64_t* rev, int64_t edges, int64_t S) {
   const T* p = pairwise.const_data_ptr<T>();
-  bool ok = true;
+  int64_t failures = 0;
+  if (S == 2) {  // the common case, unrolled
+    for (int64_t e = 0; e < edges; ++e) {
+      const T* mine = p + e * 4;
+      const T* theirs = p + rev[e] * 4;
+      failures |= (theirs[0] != mine[0]) | (theirs[2] != mine[1]) | (theirs[1] != mine[2]) |
+                  (theirs[3] != mine[3]);
+    }
+    return failures == 0;
+  }
   for (int64_t e = 0; e < edges; ++e) {
     const T* mine = p + e * S * S;
     const T* theirs = p + rev[e] * S * S;
     for (int64_t a = 0; a < S; ++a) {
-      for (int64_t b = 0; b < S; ++b) ok &= theirs[b * S + a] == mine[a * S + b];
+      for (int64_t b = 0; b < S; ++b) failures |= theirs[b * S + a] != mine[a * S + b];
     }
   }
-  return ok;
+  return failures == 0;
 }
 
 std::vector<bool> structure_flags_cpu(const BPInputs& in) {
@@ -101,13 +129,16 @@ std::vector<bool> structure_flags_cpu(const BPInputs& in) {
   const int64_t* dst = in.dst.const_data_ptr<int64_t>();
   const int64_t* rev = in.reverse.const_data_ptr<int64_t>();
   const int64_t* graph = in.node_graph.const_data_ptr<int64_t>();
-  bool no_loops = true, involution = true, opposite = true, same_graph = true;
+  int64_t loops = 0, not_involution = 0, not_opposite = 0, across_graphs = 0;
   for (int64_t e = 0; e < in.edges; ++e) {
-    no_loops &= src[e] != dst[e];
-    involution &= rev[rev[e]] == e;
-    opposite &= src[rev[e]] == dst[e];
-    same_graph &= graph[src[e]] == graph[dst[e]];
+    const int64_t r = rev[e];
+    loops |= src[e] == dst[e];
+    not_involution |= rev[r] != e;
+    not_opposite |= src[r] != dst[e];
+    across_graphs |= graph[src[e]] != graph[dst[e]];
   }
+  const bool no_loops = loops == 0, involution = not_involution == 0;
+  const bool opposite = not_opposite == 0, same_graph = across_graphs == 0;
   const bool transposed = in.pairwise.scalar_type() == at::kFloat
                               ? transposed_pairs<float>(in.pairwise, rev, in.edges, in.states)
                               : transposed_pairs<double>(in.pairwise, rev, in.edges, in.states);
@@ -124,6 +155,22 @@ std::pair<at::Tensor, at::Tensor> sort_by_key(const at::Tensor& keys, int64_t bu
     int64_t* p = ptr.mutable_data_ptr<int64_t>();
     int64_t* o = order.mutable_data_ptr<int64_t>();
     const int64_t* k = keys.const_data_ptr<int64_t>();
+
+    // Keys in order already (a batch built graph by graph): the order is the identity, and each
+    // bucket starts where the first key at or above it sits. This skips the counting loop,
+    // whose increments of one bucket after another wait on each other.
+    // Keys lie in [0, buckets), so differences do not overflow; a descent has the sign bit.
+    int64_t steps = 0;
+    for (int64_t i = 1; i < n; ++i) steps |= k[i] - k[i - 1];
+    if (steps >= 0) {
+      std::iota(o, o + n, int64_t(0));
+      int64_t i = 0;
+      for (int64_t b = 0; b <= buckets; ++b) {
+        while (i < n && k[i] < b) ++i;
+        p[b] = i;
+      }
+      return {ptr, order};
+    }
     for (int64_t i = 0; i < n; ++i) ++p[k[i] + 1];
     for (int64_t b = 0; b < buckets; ++b) p[b + 1] += p[b];
     std::vector<int64_t> next(p, p + buckets);
@@ -202,12 +249,12 @@ BPInputs check_bp_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
   return in;
 }
 
-BPLayout make_bp_layout(const BPInputs& in) {
+BPLayout make_bp_layout(const BPInputs& in, bool incoming) {
   BPLayout layout;
   std::tie(layout.node_ptr, layout.node_order) = sort_by_key(in.node_graph, in.graphs);
   const at::Tensor edge_graph = in.node_graph.index_select(0, in.dst);
   std::tie(layout.edge_ptr, layout.edge_order) = sort_by_key(edge_graph, in.graphs);
-  std::tie(layout.in_ptr, layout.in_edges) = sort_by_key(in.dst, in.nodes);
+  if (incoming) std::tie(layout.in_ptr, layout.in_edges) = sort_by_key(in.dst, in.nodes);
   return layout;
 }
 

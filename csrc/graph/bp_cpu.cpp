@@ -4,13 +4,17 @@
 // sums the messages into every node (through the CSR of incoming edges), then updates every
 // message from its source's cavity. Sum-product takes its exponentials and logarithms from
 // bp_cpu_math.h, a chunk of edges at a time, so that they vectorise; max-product needs none.
+// Two-state sum-product, the common case, has a path of its own (run_binary_graph) that
+// carries one difference per node and edge through loops over contiguous arrays.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "common/checks.h"
@@ -53,6 +57,90 @@ DEEPKERN_BP_CLONES void log_array(double* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) values[i] = vector_log(values[i]);
 }
 
+// One chunk of two-state sum-product updates, over arrays by edge position: the cavity
+// differences in, the normalised (and damped) messages out, and per edge whether the fast
+// formula held (binary_sum_message). Untrusted edges count no change here; the caller redoes
+// them.
+template <typename T>
+struct BinaryChunk {
+  const T* cavity;
+  const T* weights;  // row 2 a + b of [4, stride]
+  int64_t stride;
+  const T* old_first;
+  const T* old_second;
+  T* first;
+  T* second;
+  T* difference;
+  // Flags as wide as T: a byte array would make the vectoriser take 32 edges per step with
+  // AVX2, and leave a graph of fewer edges to the scalar loop.
+  typename MathBits<T>::Int* trusted;
+  T damping;
+  T undamped;
+};
+
+// The largest change of the chunk's trusted messages, NaN if any is NaN, and how many messages
+// were not trusted.
+template <typename T>
+struct BinaryChunkResult {
+  T change;
+  int64_t untrusted;
+};
+
+// Absolute values order like their bit patterns read as integers, with NaN above infinity, so that
+// an integer maximum (which vectorises, unlike a NaN-aware floating one) finds the largest change
+// and keeps a NaN.
+template <typename T, bool kDamped>
+C10_ALWAYS_INLINE BinaryChunkResult<T> binary_sum_loop(
+    int64_t n, const T* __restrict cavity, const T* __restrict w00, const T* __restrict w01,
+    const T* __restrict w10, const T* __restrict w11, const T* __restrict old_first,
+    const T* __restrict old_second, T* __restrict first, T* __restrict second,
+    T* __restrict difference, typename MathBits<T>::Int* __restrict trusted, T damping,
+    T undamped) {
+  using Int = typename MathBits<T>::Int;
+  constexpr Int kMagnitude = std::numeric_limits<Int>::max();  // all bits but the sign
+  const auto exp_fn = [](T x) { return vector_exp(x); };
+  const auto log_fn = [](T x) { return vector_log(x); };
+  Int change = 0;
+  Int untrusted = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    BinaryMessage<T> m =
+        binary_sum_message(cavity[j], w00[j], w01[j], w10[j], w11[j], exp_fn, log_fn);
+    if constexpr (kDamped) {
+      damp_binary(damping, undamped, old_first[j], old_second[j], m.first, m.second, exp_fn,
+                  log_fn);
+    }
+    first[j] = m.first;
+    second[j] = m.second;
+    difference[j] = m.first - m.second;
+    trusted[j] = m.trusted;
+    const Int a0 = std::bit_cast<Int>(T(m.first - old_first[j])) & kMagnitude;
+    const Int a1 = std::bit_cast<Int>(T(m.second - old_second[j])) & kMagnitude;
+    const Int lane = m.trusted ? (a0 < a1 ? a1 : a0) : Int(0);
+    change = lane > change ? lane : change;
+    untrusted += m.trusted ? Int(0) : Int(1);
+  }
+  return {std::bit_cast<T>(change), static_cast<int64_t>(untrusted)};
+}
+
+template <typename T, bool kDamped>
+C10_ALWAYS_INLINE BinaryChunkResult<T> binary_sum_loop(const BinaryChunk<T>& c, int64_t n) {
+  const T* w = c.weights;
+  return binary_sum_loop<T, kDamped>(n, c.cavity, w, w + c.stride, w + 2 * c.stride,
+                                     w + 3 * c.stride, c.old_first, c.old_second, c.first, c.second,
+                                     c.difference, c.trusted, c.damping, c.undamped);
+}
+
+DEEPKERN_BP_CLONES BinaryChunkResult<float> binary_sum_chunk(const BinaryChunk<float>& c,
+                                                             int64_t n) {
+  return c.damping != 0.0f ? binary_sum_loop<float, true>(c, n)
+                           : binary_sum_loop<float, false>(c, n);
+}
+DEEPKERN_BP_CLONES BinaryChunkResult<double> binary_sum_chunk(const BinaryChunk<double>& c,
+                                                              int64_t n) {
+  return c.damping != 0.0 ? binary_sum_loop<double, true>(c, n)
+                          : binary_sum_loop<double, false>(c, n);
+}
+
 template <typename T>
 struct Problem {
   int states;
@@ -62,9 +150,11 @@ struct Problem {
   T tol;
   T start;  // the uniform normalised message
   int64_t max_iters;
+  int64_t edges;
   const T* unary;
   const T* pairwise;
   const int64_t* src;
+  const int64_t* dst;
   const int64_t* reverse;
   const int64_t* node_ptr;
   const int64_t* node_order;
@@ -83,6 +173,17 @@ struct Problem {
   T* marginals;  // [V, S]
   int64_t* iterations;
   bool* converged;
+  // Two-state sum-product only (see run_binary_graph): positions in node_order and edge_order,
+  // the edges' neighbourhoods as positions, weights and messages by position.
+  int64_t* node_position;  // [V] by node
+  int64_t* edge_position;  // [E] by edge
+  int64_t* source_at;      // [E] by edge position: the source's node position
+  int64_t* reverse_at;     // [E] by edge position: the reverse edge's position
+  int64_t* target_at;      // [E] by edge position: the destination's node position
+  T* weights;              // [4, E]: W(a, b) = exp(P(a, b) - max P), row 2 a + b
+  T* binary_messages;      // [2, 3, E]: two buffers of first, second, first - second
+  T* unary_gap;            // [V] by node position: unary(0) - unary(1)
+  T* belief;               // [V] by node position: unary and incoming differences
 };
 
 // Sum of the messages into node v, read from the buffer `from`.
@@ -219,6 +320,21 @@ void prepare_sum_edges(const Problem<T>& p, int64_t first, int64_t last) {
   exp_array(p.shift + first * S, p.scale + first * S, (last - first) * S);
 }
 
+// Marginals of graph g from its final messages, and its iteration count and flag.
+template <typename T, int kFixed>
+void finish_graph(const Problem<T>& p, int64_t g, int64_t iteration, bool done) {
+  const int S = state_count<kFixed>(p.states);
+  for (int64_t i = p.node_ptr[g]; i < p.node_ptr[g + 1]; ++i) {
+    const int64_t v = p.node_order[i];
+    T* marginal = p.marginals + v * S;
+    gather_incoming<T, kFixed>(p, p.messages, v, marginal);
+    for (int b = 0; b < S; ++b) marginal[b] = p.unary[v * S + b] + marginal[b];
+    normalise<T, kFixed>(S, p.sum_product, marginal);
+  }
+  p.iterations[g] = iteration;
+  p.converged[g] = done;
+}
+
 template <typename T, int kFixed>
 void run_graph(const Problem<T>& p, int64_t g) {
   const int S = state_count<kFixed>(p.states);
@@ -263,12 +379,126 @@ void run_graph(const Problem<T>& p, int64_t g) {
       std::copy(current + e * S, current + (e + 1) * S, p.messages + e * S);
     }
   }
+  finish_graph<T, kFixed>(p, g, iteration, done);
+}
+
+// Two-state sum-product, in positions: a graph's nodes and edges are numbered by their place
+// in node_order and edge_order, so that its weights and messages lie in contiguous rows and the
+// update loop over them vectorises; only the neighbours are gathered. Each node keeps one
+// number, the difference of unary and incoming messages between its states, and each edge the
+// difference of its cavity (binary_sum_message).
+template <typename T>
+void run_binary_graph(const Problem<T>& p, int64_t g) {
+  const int64_t first = p.node_ptr[g];
+  const int64_t last = p.node_ptr[g + 1];
+  const int64_t first_edge = p.edge_ptr[g];
+  const int64_t last_edge = p.edge_ptr[g + 1];
+  const int64_t E = p.edges;
+
+  // The neighbourhoods in positions. Positions of one graph never leave it, so threads working
+  // on different graphs write disjoint entries.
+  for (int64_t i = first; i < last; ++i) p.node_position[p.node_order[i]] = i;
+  for (int64_t k = first_edge; k < last_edge; ++k) p.edge_position[p.edge_order[k]] = k;
+  for (int64_t k = first_edge; k < last_edge; ++k) {
+    const int64_t e = p.edge_order[k];
+    p.source_at[k] = p.node_position[p.src[e]];
+    p.reverse_at[k] = p.edge_position[p.reverse[e]];
+  }
+  // The destination of an edge is the source of its reverse.
+  for (int64_t k = first_edge; k < last_edge; ++k) p.target_at[k] = p.source_at[p.reverse_at[k]];
   for (int64_t i = first; i < last; ++i) {
     const int64_t v = p.node_order[i];
-    T* marginal = p.marginals + v * S;
-    gather_incoming<T, kFixed>(p, p.messages, v, marginal);
-    for (int b = 0; b < S; ++b) marginal[b] = p.unary[v * S + b] + marginal[b];
-    normalise<T, kFixed>(S, p.sum_product, marginal);
+    p.unary_gap[i] = p.unary[2 * v] - p.unary[2 * v + 1];
+  }
+
+  // Weights W(a, b) = exp(P(a, b) - max P), row 2 a + b.
+  for (int64_t k = first_edge; k < last_edge; ++k) {
+    const T* pair = p.pairwise + p.edge_order[k] * 4;
+    const T top = bp_max(bp_max(pair[0], pair[1]), bp_max(pair[2], pair[3]));
+    for (int r = 0; r < 4; ++r) p.weights[r * E + k] = pair[r] - top;
+  }
+  for (int r = 0; r < 4; ++r) {
+    T* row = p.weights + r * E + first_edge;
+    exp_array(row, row, last_edge - first_edge);
+  }
+
+  // Uniform start: log 1/2 for both states.
+  T* current = p.binary_messages;
+  T* next = p.binary_messages + 3 * E;
+  for (int64_t k = first_edge; k < last_edge; ++k) {
+    current[k] = p.start;
+    current[E + k] = p.start;
+    current[2 * E + k] = T(0);
+  }
+
+  int64_t iteration = 0;
+  bool done = false;
+  while (iteration < p.max_iters) {
+    // Sum the incoming differences edge by edge. Edge positions and the incoming edges of a
+    // node both run in the order of the edge ids, so the terms add up in the order of the
+    // generic path.
+    const T* difference = current + 2 * E;
+    std::copy(p.unary_gap + first, p.unary_gap + last, p.belief + first);
+    for (int64_t k = first_edge; k < last_edge; ++k) p.belief[p.target_at[k]] += difference[k];
+
+    T change = T(0);
+    for (int64_t k = first_edge; k < last_edge; k += kChunkValues) {
+      const int count = static_cast<int>(std::min<int64_t>(kChunkValues, last_edge - k));
+      alignas(64) T cavity[kChunkValues];
+      typename MathBits<T>::Int trusted[kChunkValues];
+      for (int j = 0; j < count; ++j) {
+        cavity[j] = p.belief[p.source_at[k + j]] - difference[p.reverse_at[k + j]];
+      }
+      const BinaryChunk<T> chunk{
+          cavity,       p.weights + k,    E,       current + k, current + E + k, next + k,
+          next + E + k, next + 2 * E + k, trusted, p.damping,   p.undamped};
+      const BinaryChunkResult<T> result = binary_sum_chunk(chunk, count);
+      change = worse_change(change, result.change);
+
+      // Extreme potentials: the generic message, from the cavity (d, 0).
+      for (int j = 0; j < count && result.untrusted > 0; ++j) {
+        if (trusted[j]) continue;
+        const T* pair = p.pairwise + p.edge_order[k + j] * 4;
+        const T c[2] = {cavity[j], T(0)};
+        T kernel[4], shift[2], scale[2], out[2];
+        const T old[2] = {current[k + j], current[E + k + j]};
+        prepare_sum_edge<T, 2>(2, pair, kernel, shift, scale);
+        sum_product_message<T, 2>(2, c, pair, kernel, shift, scale, out);
+        change =
+            worse_change(change, finish_message<T, 2>(2, true, p.damping, p.undamped, old, out));
+        next[k + j] = out[0];
+        next[E + k + j] = out[1];
+        next[2 * E + k + j] = out[0] - out[1];
+      }
+    }
+    ++iteration;
+    std::swap(current, next);
+    if (change <= p.tol) {
+      done = true;
+      break;
+    }
+  }
+
+  // Messages back in edge order, and the marginals: the incoming messages summed edge by edge
+  // (in the order of gather_incoming) plus the unary, normalised.
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    p.marginals[2 * v] = T(0);
+    p.marginals[2 * v + 1] = T(0);
+  }
+  for (int64_t k = first_edge; k < last_edge; ++k) {
+    const int64_t e = p.edge_order[k];
+    const int64_t v = p.dst[e];
+    p.messages[2 * e] = current[k];
+    p.messages[2 * e + 1] = current[E + k];
+    p.marginals[2 * v] += current[k];
+    p.marginals[2 * v + 1] += current[E + k];
+  }
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t v = p.node_order[i];
+    T* marginal = p.marginals + 2 * v;
+    for (int b = 0; b < 2; ++b) marginal[b] = p.unary[2 * v + b] + marginal[b];
+    normalise<T, 2>(2, true, marginal);
   }
   p.iterations[g] = iteration;
   p.converged[g] = done;
@@ -277,7 +507,13 @@ void run_graph(const Problem<T>& p, int64_t g) {
 template <typename T, int kFixed>
 void run_graphs(const Problem<T>& p, int64_t graphs) {
   at::parallel_for(0, graphs, kGraphGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) run_graph<T, kFixed>(p, g);
+    for (int64_t g = begin; g < end; ++g) {
+      if (kFixed == 2 && p.sum_product) {
+        run_binary_graph<T>(p, g);
+      } else {
+        run_graph<T, kFixed>(p, g);
+      }
+    }
   });
 }
 
@@ -288,11 +524,13 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
   check_device_type(unary, "unary", c10::DeviceType::CPU);
   const BPInputs in = check_bp_inputs(unary, pairwise, src, dst, reverse, node_graph, num_graphs,
                                       mode, damping, tol, max_iters);
-  const BPLayout layout = make_bp_layout(in);
   const int64_t V = in.nodes;
   const int64_t E = in.edges;
   const int64_t S = in.states;
   const bool sum_product = mode == kSumProduct;
+  const bool binary = sum_product && S == 2;
+  // The two-state path sums incoming messages edge by edge: no incoming-edge lists.
+  const BPLayout layout = make_bp_layout(in, /*incoming=*/!binary);
 
   at::Tensor marginals = at::empty({V, S}, in.unary.options());
   at::Tensor messages = at::empty({E, S}, in.unary.options());
@@ -300,13 +538,25 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
   at::Tensor converged = at::zeros({in.graphs}, in.src.options().dtype(at::kBool));
   at::Tensor spare = at::empty({E, S}, in.unary.options());
   at::Tensor incoming = at::empty({V, S}, in.unary.options());
-  at::Tensor kernel = at::empty({sum_product ? E : 0, S, S}, in.unary.options());
-  at::Tensor shift = at::empty({sum_product ? E : 0, S}, in.unary.options());
-  at::Tensor scale = at::empty({sum_product ? E : 0, S}, in.unary.options());
+  // Sum-product constants: the generic path's per edge, or the two-state path's positions,
+  // weights and difference messages (run_binary_graph).
+  const bool generic_sum = sum_product && !binary;
+  at::Tensor kernel = at::empty({generic_sum ? E : 0, S, S}, in.unary.options());
+  at::Tensor shift = at::empty({generic_sum ? E : 0, S}, in.unary.options());
+  at::Tensor scale = at::empty({generic_sum ? E : 0, S}, in.unary.options());
+  at::Tensor positions = at::empty({binary ? V + 4 * E : 0}, in.src.options());
+  at::Tensor binary_values = at::empty({binary ? 2 * V + 10 * E : 0}, in.unary.options());
   if (in.graphs == 0) return {marginals, messages, iterations, converged};
 
   AT_DISPATCH_FLOATING_TYPES(in.unary.scalar_type(), kLoopyBPName, [&] {
     using T = scalar_t;
+    // Offsets into the two-state arrays, null when the call does not use them.
+    int64_t* const position_data = binary ? positions.mutable_data_ptr<int64_t>() : nullptr;
+    T* const binary_data = binary ? binary_values.mutable_data_ptr<T>() : nullptr;
+    const auto position_row = [&](int64_t offset) {
+      return binary ? position_data + offset : nullptr;
+    };
+    const auto binary_row = [&](int64_t offset) { return binary ? binary_data + offset : nullptr; };
     const Problem<T> p{static_cast<int>(S),
                        sum_product,
                        static_cast<T>(damping),
@@ -314,16 +564,18 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
                        static_cast<T>(tol),
                        sum_product ? -std::log(static_cast<T>(S)) : T(0),
                        max_iters,
+                       E,
                        in.unary.const_data_ptr<T>(),
                        in.pairwise.const_data_ptr<T>(),
                        in.src.const_data_ptr<int64_t>(),
+                       in.dst.const_data_ptr<int64_t>(),
                        in.reverse.const_data_ptr<int64_t>(),
                        layout.node_ptr.const_data_ptr<int64_t>(),
                        layout.node_order.const_data_ptr<int64_t>(),
                        layout.edge_ptr.const_data_ptr<int64_t>(),
                        layout.edge_order.const_data_ptr<int64_t>(),
-                       layout.in_ptr.const_data_ptr<int64_t>(),
-                       layout.in_edges.const_data_ptr<int64_t>(),
+                       binary ? nullptr : layout.in_ptr.const_data_ptr<int64_t>(),
+                       binary ? nullptr : layout.in_edges.const_data_ptr<int64_t>(),
                        messages.mutable_data_ptr<T>(),
                        spare.mutable_data_ptr<T>(),
                        incoming.mutable_data_ptr<T>(),
@@ -332,7 +584,16 @@ BPResult loopy_bp_cpu(const at::Tensor& unary, const at::Tensor& pairwise, const
                        scale.mutable_data_ptr<T>(),
                        marginals.mutable_data_ptr<T>(),
                        iterations.mutable_data_ptr<int64_t>(),
-                       converged.mutable_data_ptr<bool>()};
+                       converged.mutable_data_ptr<bool>(),
+                       position_row(0),
+                       position_row(V),
+                       position_row(V + E),
+                       position_row(V + 2 * E),
+                       position_row(V + 3 * E),
+                       binary_row(0),
+                       binary_row(4 * E),
+                       binary_row(10 * E),
+                       binary_row(10 * E + V)};
     switch (S) {
       case 2:
         run_graphs<T, 2>(p, in.graphs);

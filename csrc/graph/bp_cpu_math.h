@@ -51,7 +51,7 @@ constexpr T kInverse[24] = {T(0),      T(1),      T(1) / 2,  T(1) / 3,  T(1) / 4
                             T(1) / 18, T(1) / 19, T(1) / 20, T(1) / 21, T(1) / 22, T(1) / 23};
 
 template <typename T>
-inline T vector_exp(T x) {
+__attribute__((always_inline)) inline T vector_exp(T x) {
   using B = MathBits<T>;
   using Int = typename B::Int;
   const T clamped = x < B::kLowest ? B::kLowest : x;
@@ -70,7 +70,7 @@ inline T vector_exp(T x) {
 }
 
 template <typename T>
-inline T vector_log(T y) {
+__attribute__((always_inline)) inline T vector_log(T y) {
   using B = MathBits<T>;
   using Int = typename B::Int;
   const Int bits = std::bit_cast<Int>(y);

@@ -42,7 +42,8 @@ BPInputs check_bp_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
                          const at::Tensor& node_graph, int64_t num_graphs, int64_t mode,
                          double damping, double tol, int64_t max_iters);
 
-// On the device of the inputs; no host synchronisation.
-BPLayout make_bp_layout(const BPInputs& in);
+// On the device of the inputs; no host synchronisation. Without `incoming`, in_ptr and in_edges
+// stay undefined.
+BPLayout make_bp_layout(const BPInputs& in, bool incoming = true);
 
 }  // namespace deepkern::graph

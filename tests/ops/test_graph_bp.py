@@ -197,11 +197,53 @@ def test_extreme_potentials_stay_exact(dtype):
     assert bool(torch.isfinite(got.log_marginals).all())
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    args = batch([grid(5, 5)] * 40 + [complete(6)] * 40, 3, seed=8, shuffle=True)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_two_state_extreme_potentials_stay_exact(dtype, damping):
+    # Two states take their own path; potentials this wide send many of its messages back to
+    # the generic max-shifted update.
+    scale = 60.0 if dtype == torch.float32 else 500.0
+    args = batch([grid(3, 3), complete(4), cycle(5)], 2, dtype, scale=scale, seed=13)
+    options = dict(damping=damping, tol=TOL[dtype], max_iters=30)
+    got = graph.loopy_bp(*args, **options)
+    want = graph.reference_loopy_bp(*args, **options)
+    atol = scale * torch.finfo(dtype).eps * 8
+    torch.testing.assert_close(got.log_messages, want.log_messages, atol=atol, rtol=0)
+    torch.testing.assert_close(got.log_marginals, want.log_marginals, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_two_states_agree_with_the_generic_path(damping):
+    # A third state that no assignment can take (unary -1e4, beyond the float64 exponent range
+    # once exponentiated) leaves the marginals of the first two unchanged, and sends the same
+    # problem through the generic sum-product update. Messages differ only in normalisation, so
+    # their differences between the two states must agree.
+    graphs = [grid(4, 5), complete(5), cycle(7)]
+    two = batch(graphs, 2, seed=14, shuffle=True)
+    unary, pairwise = two[0], two[1]
+    three_unary = torch.cat([unary, torch.full_like(unary[:, :1], -1e4)], 1)
+    three_pairwise = torch.zeros(pairwise.shape[0], 3, 3, dtype=F64)
+    three_pairwise[:, :2, :2] = pairwise
+    three = (three_unary, three_pairwise, *two[2:])
+    options = dict(damping=damping, tol=0.0, max_iters=25)
+    got = graph.loopy_bp(*two, **options)
+    want = graph.loopy_bp(*three, **options)
+    assert got.iterations.tolist() == want.iterations.tolist() == [25] * len(graphs)
+    torch.testing.assert_close(got.log_marginals, want.log_marginals[:, :2], atol=1e-12, rtol=0)
+    got_gap = got.log_messages[:, 0] - got.log_messages[:, 1]
+    want_gap = want.log_messages[:, 0] - want.log_messages[:, 1]
+    torch.testing.assert_close(got_gap, want_gap, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("states", [2, 3])
+def test_results_do_not_depend_on_the_thread_count(states):
+    args = batch([grid(5, 5)] * 40 + [complete(6)] * 40, states, seed=8, shuffle=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     one = graph.loopy_bp(*args, damping=0.2, tol=1e-9)
     torch.set_num_threads(2)
     two = graph.loopy_bp(*args, damping=0.2, tol=1e-9)
+    torch.set_num_threads(previous)
     for a, b in zip(one, two):
         assert torch.equal(a, b)
 
