@@ -196,9 +196,14 @@ class _Problem:
             y = self.network(shaped).to(torch.float64).reshape(point.shape[0], -1)
         c, d = self.coefficients[disjunct], self.thresholds[disjunct]
         meets = ((c @ y.unsqueeze(-1)).squeeze(-1) <= d).all(-1) & inside
-        if bool(meets.any()):
-            first = int(meets.nonzero()[0, 0])
-            raise _Counterexample(wide[first].clone(), y[first].clone())
+        # Float32 results depend on the batch size (different kernels sum differently): the
+        # reported point is confirmed alone, as a user would run it.
+        for index in meets.nonzero().squeeze(-1)[:16].tolist():
+            with torch.no_grad():
+                alone = self.network(point[index : index + 1].reshape(1, *self.net.input_shape))
+            alone = alone.to(torch.float64).reshape(-1)
+            if bool((c[index] @ alone <= d[index]).all()):
+                raise _Counterexample(wide[index].clone(), alone)
 
     # -----------------------------------------------------------------------------------------
     # Falsifier
@@ -485,7 +490,12 @@ def verify(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not isinstance(spec, Specification):
         raise ValueError(f"spec must be a Specification, got {type(spec).__name__}")
-    net = prepare_network(network, input_shape, inputs=spec.inputs)
+    try:
+        net = prepare_network(network, input_shape, inputs=spec.inputs)
+    except ValueError as error:
+        raise ValueError(
+            f"spec has {spec.inputs} inputs the network cannot take: {error}"
+        ) from error
     _check_spec(spec, net)
     run_dtype = next((p.dtype for p in network.parameters()), torch.float32)
     generator = torch.Generator().manual_seed(seed)
