@@ -65,7 +65,11 @@ VERDICTS = ("sat", "unsat", "timeout", "unknown")
 
 # Input splitting works while the inputs are few; past this, splitting ReLUs wins.
 _INPUT_SPLIT_MAX_INPUTS = 32
+# Boxes of few inputs are cheap to split: plain CROWN (every pre-activation bounded by a
+# backward pass) beats optimised slopes per second on ACAS Xu.
 _INPUT_SPLIT_PASS = "backward"
+_INPUT_SPLIT_METHOD = "crown"
+_INPUT_SPLIT_STEPS = 0
 
 
 @dataclass
@@ -266,7 +270,8 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             lo,
             hi,
             problem.coefficients[dj],
-            "crown",
+            _INPUT_SPLIT_METHOD,
+            steps=_INPUT_SPLIT_STEPS,
             upper_bound=False,
             intermediate_pass=_INPUT_SPLIT_PASS,
         )
