@@ -351,7 +351,6 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
     decisions = [torch.zeros(count, u, dtype=torch.int8) for u in units]
     priority = torch.full((count,), -math.inf, dtype=torch.float64)
     proven = math.inf
-    domains = 0
     steps = 10 if method == "alpha" else None
     while disjuncts.shape[0]:
         problem.check_time()
@@ -362,7 +361,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         chosen = [d[take] for d in decisions]
         disjuncts, priority = disjuncts[rest], priority[rest]
         decisions = [d[rest] for d in decisions]
-        domains += dj.shape[0]
+        problem.details["domains"] = problem.details.get("domains", 0) + dj.shape[0]
 
         size = dj.shape[0]
         lo = problem.proof_lower.expand(size, -1)
@@ -426,7 +425,6 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         decisions = [torch.cat([d, a, b]) for d, a, b in zip(decisions, active, inactive)]
         disjuncts = torch.cat([disjuncts, dj, dj])
         priority = torch.cat([priority, score, score])
-    problem.details["domains"] = problem.details.get("domains", 0) + domains
     return proven
 
 
