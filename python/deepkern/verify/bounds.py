@@ -19,9 +19,9 @@ in the box. Four methods trade tightness for time:
 
 All arithmetic runs in float64 by default, whatever the network's dtype: the weights of a
 float32 network are exactly representable in float64, and float64 rounding (unit roundoff
-1.1e-16) is eight orders of magnitude below the float32 evaluation error that a verifier must
-cover anyway, so the bounds of the float64 network are, for these small networks, the true
-bounds up to a rounding error the solver's safety margin absorbs.
+1.1e-16) sits eight orders of magnitude below float32's, so the bounds are, to a few units of
+1e-16 relative, those of the exact network. To bound the network as float32 computes it,
+set ``PreparedNetwork.rounding_unit`` (see :mod:`deepkern.verify.solver`, which does).
 
 Internally every tensor stays flat, ``[..., features]``: ``Flatten`` and ``Reshape`` only change
 how later convolutions see the features (row-major, as ``torch`` lays them out).
