@@ -106,6 +106,19 @@ def test_disjunctions_need_every_disjunct_cleared():
     _check_counterexample(network, spec, verify(network, spec, timeout=30))
 
 
+def test_a_contradictory_conjunction_is_cleared_at_the_root():
+    # y <= 0 and y >= 1 cannot both hold; no single row's bound shows it over a box where y
+    # spans [-5, 5], their mean (0 <= -1/2) does.
+    network = nn.Sequential(nn.Linear(2, 1))
+    with torch.no_grad():
+        network[0].weight.copy_(torch.tensor([[5.0, 0.0]]))
+        network[0].bias.zero_()
+    spec = _spec([-1.0, -1.0], [1.0, 1.0], [([[1.0], [-1.0]], [0.0, -1.0])])
+    result = verify(network, spec, timeout=10)
+    assert result.verdict == "unsat"
+    assert "domains" not in result.details
+
+
 def test_relu_splitting_on_many_inputs_matches_the_exact_minimum():
     # 40 inputs send the search to ReLU splitting; a MIP gives the exact answer.
     network = _mlp((40, 24, 24, 2), seed=3)
