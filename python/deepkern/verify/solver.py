@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from itertools import combinations
 
 import torch
 from torch import Tensor, nn
@@ -156,16 +157,24 @@ class _Problem:
         else:
             self.proof_lower, self.proof_upper = self.lower, self.upper
 
-        # A conjunction of several rows gains their mean as one more row: where no single
-        # row's bound clears a box, the mean's may (if the mean of C y - d is positive, some
-        # row is), and the mean never raises a maximum over rows. Disjuncts are then padded
-        # to the same number of rows by repeating their first row.
+        # A conjunction of several rows gains the means of its subsets of rows (of all rows
+        # past five): where no single row's bound clears a box, a mean's may (if the mean of
+        # C y - d is positive, some row is), and a mean never raises a maximum over rows.
+        # Disjuncts are then padded to the same number of rows by repeating their first row.
         extended = []
         for disjunct in region.disjuncts:
             c = disjunct.coefficients.to(torch.float64)
             d = disjunct.bounds.to(torch.float64).reshape(-1)
-            if c.shape[0] > 1:
-                c, d = torch.cat([c, c.mean(0, keepdim=True)]), torch.cat([d, d.mean(0, True)])
+            count = c.shape[0]
+            subsets = (
+                [s for size in range(2, count + 1) for s in combinations(range(count), size)]
+                if count <= 5
+                else [tuple(range(count))]
+            )
+            for subset in subsets if count > 1 else []:
+                pick = list(subset)
+                c = torch.cat([c, c[pick].mean(0, keepdim=True)])
+                d = torch.cat([d, d[pick].mean(0, keepdim=True)])
             extended.append((c, d))
         rows = max(c.shape[0] for c, _ in extended)
         coefficients, bounds = [], []
