@@ -19,9 +19,9 @@ in the box. Four methods trade tightness for time:
 
 All arithmetic runs in float64 by default, whatever the network's dtype: the weights of a
 float32 network are exactly representable in float64, and float64 rounding (unit roundoff
-1.1e-16) is eight orders of magnitude below the float32 evaluation error that a verifier must
-cover anyway, so the bounds of the float64 network are, for these small networks, the true
-bounds up to a rounding error the solver's safety margin absorbs.
+1.1e-16) sits eight orders of magnitude below float32's, so the bounds are, to a few units of
+1e-16 relative, those of the exact network. To bound the network as float32 computes it,
+set ``PreparedNetwork.rounding_unit`` (see :mod:`deepkern.verify.solver`, which does).
 
 Internally every tensor stays flat, ``[..., features]``: ``Flatten`` and ``Reshape`` only change
 how later convolutions see the features (row-major, as ``torch`` lays them out).
@@ -467,16 +467,23 @@ def _backward(
             if record is not None:
                 record[layer.index] = a
             # Positive coefficients take the lower line, negative ones the upper line; written
-            # as one product and a correction on the positive part to spare passes over `a`.
+            # as the upper line plus a correction on the positive part, with the offsets as
+            # matrix-vector products, to spare passes over `a` (memory-bound on CPUs).
             positive = a.clamp(min=0)
-            offset = (
-                offset + (a * upper_bias).sum(-1) + (positive * (lower_bias - upper_bias)).sum(-1)
-            )
-            a = a * upper_slope + positive * (lower_slope - upper_slope)
+            offset = offset + _row_dot(a, upper_bias) + _row_dot(positive, lower_bias - upper_bias)
+            a = torch.addcmul(a * upper_slope, positive, lower_slope - upper_slope)
         else:
             a, shift = layer.backward(a)
             offset = offset + shift
     return a, offset
+
+
+def _row_dot(a: Tensor, v: Tensor) -> Tensor:
+    """(a * v).sum(-1) for a [b, R, m] and v [b, 1 or R, m]; one row of v goes through a
+    matrix-vector product, which reads ``a`` once and writes no temporary."""
+    if v.shape[-2] == 1:
+        return (a @ v.transpose(-1, -2)).squeeze(-1)
+    return (a * v).sum(-1)
 
 
 def _ibp(net: PreparedNetwork, lower: Tensor, upper: Tensor, splits, intermediate):
