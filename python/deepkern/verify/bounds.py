@@ -435,6 +435,9 @@ class _Relaxations:
 
     def lines(self, index: int, slope: Tensor | None) -> tuple[Tensor, ...]:
         lo, hi = self.bounds[index]
+        # Splits can make an interval empty (lo > hi); such boxes are reported as +inf at the
+        # end, and until then the lines of the point lo keep the arithmetic finite.
+        hi = torch.maximum(hi, lo)
         if slope is not None and self.kinds[index] == "relu":
             lo, hi = lo.unsqueeze(1).expand_as(slope), hi.unsqueeze(1).expand_as(slope)
             return verify_ops.activation_relaxation(lo, hi, "relu", slope)

@@ -383,6 +383,9 @@ def _activation_bounds(intermediate, blocks, kinds, batch, dtype, device):
             )
         if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
             raise ValueError(f"intermediate[{k}] must be finite")
+        # A split can leave a neuron's interval empty; nothing is lost by bounding over the
+        # single point lo instead, since the minimum over an empty box is +inf anyway.
+        hi = torch.maximum(hi, lo)
         pre.append((lo.unsqueeze(1), hi.unsqueeze(1)))
     return pre
 
