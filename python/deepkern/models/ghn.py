@@ -1,0 +1,577 @@
+"""Parameter prediction for unseen deep architectures (Knyazev, Drozdzal, Taylor and
+Romero-Soriano, 2021): the graph hypernetwork GHN-2.
+
+A network is read as its computational graph (:mod:`deepkern.data.compgraph`): one node per
+parameterised layer or parameter-free operation, real edges where data flows, virtual edges
+between nodes a few real edges apart. GHN-2 turns the graph into all the network's parameters
+in one forward pass:
+
+1. Node embeddings: an embedding of the node's type plus a shape encoder, the sum of four
+   embeddings of the predicted parameter's dimensions (out and in channels in log2 bins, height
+   and width by value).
+2. A gated graph network sweeps the DAG forward in topological order, then backward. A node
+   receives ``sum_real MLP(h_u) + sum_virtual MLP_sp(h_u) / length`` from the nodes it depends
+   on (its successors on the way back) and updates its state with a GRU.
+3. Layer normalisation of the node states.
+4. Decoders: a convolutional decoder turns a node's state into a tensor of the largest shape
+   ``(max_out, max_in, k, k)``, tiled along channels and centre-cropped or tiled in space to
+   the parameter's shape; small heads give biases and normalisation parameters.
+5. Parameter normalisation: weights are scaled by ``sqrt(gain / fan_in)`` (gain 2 for
+   convolutions, which DeepNets-1M follows with ReLU, 1 otherwise), the scales of
+   normalisation layers are ``2 sigmoid(raw)`` and biases ``tanh(raw)``.
+
+The sweep runs level-synchronously (``sweep="level"``): the nodes of one level, across all the
+graphs of a meta-batch, are updated in one step, with their messages gathered over a CSR of
+incoming edges by :func:`deepkern.ops.graph.gather_reduce`. The node-by-node sweep
+(``sweep="node"``) is the plain reference: the same arithmetic, one node at a time.
+
+Predicted parameters stay differentiable: :func:`functional_forward` runs a network with them
+through :func:`torch.func.functional_call`, which is how :func:`train` trains the GHN on
+scikit-learn's digits. ``deepkern ghn predict`` and ``deepkern reproduce ghn`` are the commands.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deepkern.data.compgraph import NODE_TYPES, ComputationalGraph
+from deepkern.ops import graph as graph_ops
+
+__all__ = [
+    "GHN2",
+    "SweepPlan",
+    "plan_sweep",
+    "tile_to_shape",
+    "parameter_kind",
+    "functional_parameters",
+    "functional_forward",
+    "load_parameters",
+]
+
+logger = logging.getLogger("deepkern.models.ghn")
+
+SWEEPS = ("level", "node")
+
+# Node types whose parameter is a normalisation layer's scale or shift.
+_NORM_TYPES = frozenset({"bn", "ln"})
+
+# Gain of the fan-in scaling per node type: convolutions of DeepNets-1M sit after a ReLU (He's
+# factor 2); attention, positional encodings and linear layers keep unit gain.
+_WEIGHT_GAIN = {"conv": 2.0, "sep_conv": 2.0, "dil_conv": 2.0}
+
+# Shape encoder bins: channel counts by rounded log2 (1 .. 2^14), spatial sizes by value.
+_CHANNEL_BINS = 16
+_SPATIAL_BINS = 16
+
+
+def parameter_kind(node_type: str, name: str) -> str:
+    """Which head predicts a node's parameter: ``"weight"``, ``"norm_scale"`` or ``"bias"``.
+
+    Bias nodes and every parameter named ``...bias`` are biases (tanh); the scale of a norm node
+    (``...weight`` of a ``bn`` or ``ln`` node) is a norm scale (2 sigmoid); everything else is
+    a weight tensor from the convolutional decoder.
+    """
+    if node_type == "bias" or name.rsplit(".", 1)[-1] == "bias":
+        return "bias"
+    if node_type in _NORM_TYPES:
+        return "norm_scale"
+    return "weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# The level-synchronous schedule
+
+
+@dataclass
+class _Level:
+    """One level of one sweep direction: nodes ``start .. end`` of that direction's order."""
+
+    start: int
+    end: int
+    rowptr: Tensor  # [end - start + 1] over this level's incoming edges
+    col: Tensor  # [edges] rows of the message table, 2 * source position + is_virtual
+    weight: Tensor  # [edges] 1 for real edges, 1 / length for virtual ones
+
+    @property
+    def has_edges(self) -> bool:
+        return self.col.numel() > 0
+
+
+@dataclass
+class SweepPlan:
+    """A meta-batch of graphs, concatenated and ordered for the level-synchronous sweep.
+
+    Nodes are numbered graph by graph (``node_offsets``); the sweep works in *level order*,
+    nodes sorted by level (stable, so graph by graph within a level). ``position[v]`` is node
+    v's place in that order. The backward sweep walks the levels in reverse with the edges
+    transposed; it keeps the within-level order, so its levels are the same slices in reverse.
+
+    Attributes:
+        graphs: the graphs, in batch order.
+        node_offsets (list[int], G + 1): first node of each graph in the batch numbering.
+        node_types (Tensor[V] int64), shapes (Tensor[V, 4] int64): concatenated node features.
+        position (Tensor[V] int64): level-order position of each node.
+        forward_to_backward (Tensor[V] int64): backward-sweep position of the node at each
+            level-order position (the inverse permutation is ``backward_to_forward``).
+        forward, backward (list[_Level]): the levels of each sweep, in the order they run.
+        sources, targets, lengths (Tensor[E] int64): the batch's edges (batch numbering).
+    """
+
+    graphs: list[ComputationalGraph]
+    node_offsets: list[int]
+    node_types: Tensor
+    shapes: Tensor
+    position: Tensor
+    forward_to_backward: Tensor
+    backward_to_forward: Tensor
+    forward: list[_Level]
+    backward: list[_Level]
+    sources: Tensor
+    targets: Tensor
+    lengths: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.node_types.numel())
+
+
+def _check_graph(g: ComputationalGraph, index: int) -> None:
+    """Refuse a graph the sweep would silently get wrong."""
+    n = g.num_nodes
+    where = f"graph {index}"
+    if g.node_types.dim() != 1 or g.node_types.dtype != torch.int64:
+        raise ValueError(f"{where}: node_types must be a 1-D int64 tensor")
+    if n and (int(g.node_types.min()) < 0 or int(g.node_types.max()) >= len(NODE_TYPES)):
+        raise ValueError(f"{where}: node_types must index NODE_TYPES (0 .. {len(NODE_TYPES) - 1})")
+    if tuple(g.shapes.shape) != (n, 4):
+        raise ValueError(f"{where}: shapes must be [{n}, 4], got {tuple(g.shapes.shape)}")
+    if g.edges.dim() != 2 or g.edges.shape[0] != 2:
+        raise ValueError(f"{where}: edges must be [2, E], got {tuple(g.edges.shape)}")
+    if g.edge_lengths.shape != (g.edges.shape[1],):
+        raise ValueError(f"{where}: edge_lengths must hold one length per edge")
+    if g.levels.shape != (n,):
+        raise ValueError(f"{where}: levels must hold one level per node")
+    if len(g.param_names) != n:
+        raise ValueError(f"{where}: param_names must hold one entry per node")
+    if g.edges.numel():
+        src, dst = g.edges
+        if int(g.edges.min()) < 0 or int(g.edges.max()) >= n:
+            raise ValueError(f"{where}: edges must join nodes in [0, {n})")
+        if bool((src >= dst).any()):
+            raise ValueError(f"{where}: every edge must go from a lower to a higher node index")
+        if bool((g.levels[dst] <= g.levels[src]).any()):
+            raise ValueError(f"{where}: levels must grow along every edge")
+        if bool((g.edge_lengths < 1).any()):
+            raise ValueError(f"{where}: edge_lengths must be at least 1")
+
+
+def _levels_of(
+    rows: Tensor, cols: Tensor, weights: Tensor, sizes: list[int], num_nodes: int
+) -> list[_Level]:
+    """Cut one direction's CSR (rows in that direction's order) into per-level slices."""
+    order = torch.argsort(rows * (2 * num_nodes + 2) + cols, stable=True)
+    rows, cols, weights = rows[order], cols[order], weights[order]
+    counts = torch.bincount(rows, minlength=num_nodes)
+    rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    levels, start = [], 0
+    for size in sizes:
+        end = start + size
+        first, last = int(rowptr[start]), int(rowptr[end])
+        levels.append(
+            _Level(
+                start=start,
+                end=end,
+                rowptr=rowptr[start : end + 1] - first,
+                col=cols[first:last],
+                weight=weights[first:last],
+            )
+        )
+        start = end
+    return levels
+
+
+def plan_sweep(graphs: Sequence[ComputationalGraph], virtual_edges: bool = True) -> SweepPlan:
+    """Concatenate ``graphs`` and precompute the level-synchronous schedule of both sweeps.
+
+    Args:
+        graphs: one or more computational graphs (a meta-batch).
+        virtual_edges: keep the virtual edges (length > 1); False sends messages over real
+            edges only.
+
+    Returns:
+        A :class:`SweepPlan`; reuse it for every forward pass over the same graphs.
+
+    Raises:
+        ValueError: no graphs, or a graph whose fields disagree (edges that do not go from a
+            lower to a higher index or level, wrong shapes); the message names the graph.
+    """
+    graphs = list(graphs)
+    if not graphs:
+        raise ValueError("graphs must hold at least one computational graph")
+    for i, g in enumerate(graphs):
+        _check_graph(g, i)
+
+    offsets = [0]
+    for g in graphs:
+        offsets.append(offsets[-1] + g.num_nodes)
+    num_nodes = offsets[-1]
+    levels = torch.cat([g.levels for g in graphs]).long()
+    sources = torch.cat([g.edges[0] + off for g, off in zip(graphs, offsets)]).long()
+    targets = torch.cat([g.edges[1] + off for g, off in zip(graphs, offsets)]).long()
+    lengths = torch.cat([g.edge_lengths for g in graphs]).long()
+    if not virtual_edges:
+        real = lengths == 1
+        sources, targets, lengths = sources[real], targets[real], lengths[real]
+
+    # Level order: by level, and by batch index within a level.
+    order = torch.argsort(levels, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(num_nodes)
+    sizes = [int(c) for c in torch.bincount(levels) if int(c) > 0]
+    virtual = (lengths > 1).long()
+    weight = 1.0 / lengths.double()
+
+    # Forward sweep: a target reads the messages of its sources, which sit in earlier levels,
+    # so in the prefix of the message table built so far.
+    forward = _levels_of(
+        position[targets], 2 * position[sources] + virtual, weight, sizes, num_nodes
+    )
+
+    # Backward sweep: levels in reverse, each level keeping its internal order.
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    level_index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    within = torch.arange(num_nodes) - starts[level_index]
+    reverse_starts = torch.tensor([0, *sizes[::-1]]).cumsum(0)
+    forward_to_backward = reverse_starts[len(sizes) - 1 - level_index] + within
+    back_position = torch.empty_like(position)
+    back_position[order] = forward_to_backward
+    backward = _levels_of(
+        back_position[sources], 2 * back_position[targets] + virtual, weight, sizes[::-1],
+        num_nodes,
+    )  # fmt: skip
+
+    return SweepPlan(
+        graphs=graphs,
+        node_offsets=offsets,
+        node_types=torch.cat([g.node_types for g in graphs]).long(),
+        shapes=torch.cat([g.shapes for g in graphs]).long(),
+        position=position,
+        forward_to_backward=forward_to_backward,
+        backward_to_forward=torch.argsort(forward_to_backward),
+        forward=forward,
+        backward=backward,
+        sources=sources,
+        targets=targets,
+        lengths=lengths,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shapes
+
+
+def tile_to_shape(raw: Tensor, shape: Sequence[int]) -> Tensor:
+    """Fit a decoded tensor ``raw [O, I, k, k]`` to a parameter shape ``(o, i, h, w)``.
+
+    Channels are tiled (repeated) and then sliced, so a wider layer reuses the decoded block;
+    space is centre-cropped when the kernel is no larger than ``k``, tiled otherwise.
+
+    Example:
+        >>> tile_to_shape(torch.arange(4.0).view(2, 2, 1, 1), (3, 1, 1, 1)).flatten().tolist()
+        [0.0, 2.0, 0.0]
+    """
+    o, i, h, w = (int(s) for s in shape)
+    big_o, big_i, kh, kw = raw.shape
+    reps_o, reps_i = math.ceil(o / big_o), math.ceil(i / big_i)
+    out = raw.repeat(reps_o, reps_i, 1, 1)[:o, :i] if reps_o * reps_i > 1 else raw[:o, :i]
+    if h <= kh and w <= kw:
+        top, left = (kh - h) // 2, (kw - w) // 2
+        return out[:, :, top : top + h, left : left + w]
+    return out.repeat(1, 1, math.ceil(h / kh), math.ceil(w / kw))[:, :, :h, :w]
+
+
+# ---------------------------------------------------------------------------------------------
+# The hypernetwork
+
+
+class ShapeEncoder(nn.Module):
+    """Embeds a parameter shape ``(out, in, height, width)``: four embeddings, concatenated.
+
+    Channel counts go to bins by rounded log2 (bin 0 for a node without a parameter), spatial
+    sizes by value (sizes above 15 share the last bin).
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        if hidden % 4:
+            raise ValueError(f"hidden must be divisible by 4 for the shape encoder, got {hidden}")
+        quarter = hidden // 4
+        self.channels = nn.ModuleList(nn.Embedding(_CHANNEL_BINS, quarter) for _ in range(2))
+        self.spatial = nn.ModuleList(nn.Embedding(_SPATIAL_BINS, quarter) for _ in range(2))
+
+    def forward(self, shapes: Tensor) -> Tensor:
+        shapes = shapes.long()
+        log2 = torch.log2(shapes[:, :2].clamp(min=1).double()).round().long()
+        channel_bins = torch.where(shapes[:, :2] > 0, 1 + log2.clamp(max=_CHANNEL_BINS - 2), 0)
+        spatial_bins = shapes[:, 2:].clamp(min=0, max=_SPATIAL_BINS - 1)
+        parts = [emb(channel_bins[:, j]) for j, emb in enumerate(self.channels)]
+        parts += [emb(spatial_bins[:, j]) for j, emb in enumerate(self.spatial)]
+        return torch.cat(parts, dim=1)
+
+
+def _mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+
+class GHN2(nn.Module):
+    """The graph hypernetwork GHN-2.
+
+    Args:
+        hidden (int, divisible by 4): size of node embeddings and states.
+        max_shape ((max_out, max_in, k, k)): the largest block the decoder predicts; larger
+            parameters tile it.
+        decoder_hidden (int or None): channels of the decoder's convolutions (default
+            ``2 * hidden``).
+        rounds (int >= 1): forward-and-backward sweeps of the gated graph network.
+        virtual_edges (bool): send messages over virtual edges too (GHN-2); False gives the
+            real-edge gated GNN of GHN-1.
+
+    Shapes:
+        forward(graphs or plan, sweep="level") -> list (one per graph) of dict parameter name
+        -> Tensor[o, i, h, w], the graph's ``shapes`` row of the node predicting it. Reshape to
+        the module's own shapes with :func:`functional_parameters`.
+
+    Example:
+        >>> ghn = GHN2(hidden=32, max_shape=(16, 16, 3, 3))
+        >>> params = ghn(graphs)[0]                                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        hidden: int = 32,
+        max_shape: Sequence[int] = (32, 32, 3, 3),
+        decoder_hidden: int | None = None,
+        rounds: int = 1,
+        virtual_edges: bool = True,
+    ):
+        super().__init__()
+        if hidden < 4 or hidden % 4:
+            raise ValueError(f"hidden must be a positive multiple of 4, got {hidden}")
+        max_shape = tuple(int(s) for s in max_shape)
+        if len(max_shape) != 4 or min(max_shape) < 1 or max_shape[2] != max_shape[3]:
+            raise ValueError(
+                f"max_shape must be (out, in, k, k) with positive sizes, got {max_shape}"
+            )
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        decoder_hidden = decoder_hidden or 2 * hidden
+        self.hidden, self.max_shape, self.rounds = hidden, max_shape, rounds
+        self.virtual_edges = virtual_edges
+        self.config = {
+            "hidden": hidden,
+            "max_shape": list(max_shape),
+            "decoder_hidden": decoder_hidden,
+            "rounds": rounds,
+            "virtual_edges": virtual_edges,
+        }
+
+        self.node_embedding = nn.Embedding(len(NODE_TYPES), hidden)
+        self.shape_encoder = ShapeEncoder(hidden)
+        self.message = _mlp(hidden)
+        self.virtual_message = _mlp(hidden)
+        self.update = nn.GRUCell(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+        out_channels, in_channels, k, _ = max_shape
+        self.decoder_fc = nn.Linear(hidden, decoder_hidden * k * k)
+        self.decoder_conv = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(decoder_hidden, decoder_hidden, 1),
+            nn.ReLU(),
+            nn.Conv2d(decoder_hidden, out_channels * in_channels, 1),
+        )
+        self.bias_head = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_channels)
+        )
+        self.scale_head = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_channels)
+        )
+
+    # -- node states --------------------------------------------------------------------------
+
+    def embed(self, plan: SweepPlan) -> Tensor:
+        """Tensor[V, hidden]: type embedding plus shape encoding of every node (batch order)."""
+        device = self.node_embedding.weight.device
+        types, shapes = plan.node_types.to(device), plan.shapes.to(device)
+        return self.node_embedding(types) + self.shape_encoder(shapes)
+
+    def propagate(self, plan: SweepPlan, states: Tensor, sweep: str = "level") -> Tensor:
+        """The gated graph network: ``rounds`` forward-and-backward sweeps, batch order in and
+        out. ``sweep`` is ``"level"`` (level-synchronous) or ``"node"`` (the reference)."""
+        if sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
+        if sweep == "node":
+            return self._propagate_node_by_node(plan, states)
+        device = states.device
+        position = plan.position.to(device)
+        to_backward = plan.backward_to_forward.to(device)
+        to_forward = plan.forward_to_backward.to(device)
+        in_order = states[torch.argsort(position)]
+        for _ in range(self.rounds):
+            in_order = self._sweep_levels(in_order, plan.forward)
+            in_order = self._sweep_levels(in_order[to_backward], plan.backward)[to_forward]
+        return in_order[position]
+
+    def _sweep_levels(self, states: Tensor, levels: list[_Level]) -> Tensor:
+        """One direction, level by level, ``states`` in that direction's order. A level reads
+        the messages of the levels before it from a table that grows by one chunk per level."""
+        device, dtype = states.device, states.dtype
+        chunks: list[Tensor] = []  # each level's messages, [n, 2, hidden]: real, virtual
+        updated: list[Tensor] = []
+        for index, level in enumerate(levels):
+            previous = states[level.start : level.end]
+            if level.has_edges:
+                table = torch.cat(chunks).reshape(-1, self.hidden)
+                received = graph_ops.gather_reduce(
+                    table,
+                    level.rowptr.to(device),
+                    level.col.to(device),
+                    level.weight.to(device=device, dtype=dtype),
+                    "sum",
+                )
+            else:
+                received = previous.new_zeros(previous.shape)
+            new = self.update(received, previous)
+            updated.append(new)
+            if index + 1 < len(levels):
+                chunks.append(torch.stack([self.message(new), self.virtual_message(new)], dim=1))
+        return torch.cat(updated)
+
+    def _propagate_node_by_node(self, plan: SweepPlan, states: Tensor) -> Tensor:
+        """The reference sweep: every node in topological order, one GRU call each."""
+        sources, targets = plan.sources.tolist(), plan.targets.tolist()
+        lengths = plan.lengths.tolist()
+        incoming: list[list[tuple[int, int]]] = [[] for _ in range(plan.num_nodes)]
+        outgoing: list[list[tuple[int, int]]] = [[] for _ in range(plan.num_nodes)]
+        for s, t, length in zip(sources, targets, lengths):
+            incoming[t].append((s, length))
+            outgoing[s].append((t, length))
+
+        h = list(states.unbind(0))
+        for _ in range(self.rounds):
+            for order, neighbours in (
+                (range(plan.num_nodes), incoming),
+                (range(plan.num_nodes - 1, -1, -1), outgoing),
+            ):
+                sent: dict[int, tuple[Tensor, Tensor]] = {}
+                for v in order:
+                    received = torch.zeros_like(h[v])
+                    for u, length in neighbours[v]:
+                        real, virtual = sent[u]
+                        received = received + (real if length == 1 else virtual / length)
+                    h[v] = self.update(received[None], h[v][None])[0]
+                    sent[v] = (self.message(h[v]), self.virtual_message(h[v]))
+        return torch.stack(h)
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def decode(self, plan: SweepPlan, states: Tensor) -> list[dict[str, Tensor]]:
+        """Predicted parameters of every graph from the normalised node states."""
+        types = [NODE_TYPES[t] for t in plan.node_types.tolist()]
+        names = [name for g in plan.graphs for name in g.param_names]
+        shapes = plan.shapes.tolist()
+        kinds = [None if n is None else parameter_kind(t, n) for t, n in zip(types, names)]
+        by_kind = {kind: [v for v, k in enumerate(kinds) if k == kind] for kind in
+                   ("weight", "bias", "norm_scale")}  # fmt: skip
+
+        decoded: dict[int, Tensor] = {}
+        out_channels, in_channels, k, _ = self.max_shape
+        weights = by_kind["weight"]
+        if weights:
+            index = torch.tensor(weights, device=states.device)
+            blocks = self.decoder_fc(states[index]).view(len(weights), -1, k, k)
+            blocks = self.decoder_conv(blocks).view(len(weights), out_channels, in_channels, k, k)
+            for v, block in zip(weights, blocks.unbind(0)):
+                shape = shapes[v]
+                fan_in = max(1, shape[1] * shape[2] * shape[3])
+                gain = _WEIGHT_GAIN.get(types[v], 1.0)
+                decoded[v] = tile_to_shape(block, shape) * math.sqrt(gain / fan_in)
+        for kind, head, squash in (
+            ("bias", self.bias_head, torch.tanh),
+            ("norm_scale", self.scale_head, lambda x: 2.0 * torch.sigmoid(x)),
+        ):
+            nodes = by_kind[kind]
+            if not nodes:
+                continue
+            vectors = squash(head(states[torch.tensor(nodes, device=states.device)]))
+            for v, vector in zip(nodes, vectors.unbind(0)):
+                decoded[v] = tile_to_shape(vector.view(-1, 1, 1, 1), shapes[v])
+
+        results = []
+        for g, (first, last) in enumerate(zip(plan.node_offsets[:-1], plan.node_offsets[1:])):
+            params = {}
+            for v in range(first, last):
+                if names[v] is not None:
+                    if names[v] in params:
+                        raise ValueError(f"graph {g}: parameter {names[v]!r} has two nodes")
+                    params[names[v]] = decoded[v]
+            results.append(params)
+        return results
+
+    def forward(
+        self, graphs: Sequence[ComputationalGraph] | SweepPlan, sweep: str = "level"
+    ) -> list[dict[str, Tensor]]:
+        plan = graphs if isinstance(graphs, SweepPlan) else plan_sweep(graphs, self.virtual_edges)
+        states = self.propagate(plan, self.embed(plan), sweep)
+        return self.decode(plan, self.norm(states))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a network with predicted parameters
+
+
+def functional_parameters(module: nn.Module, predicted: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The predicted tensors reshaped to ``module``'s parameters, ready for functional_call.
+
+    Raises:
+        ValueError: a parameter of the module without a prediction, a prediction for a name the
+            module does not have, or a prediction whose size differs from the parameter's.
+    """
+    own = dict(module.named_parameters())
+    missing = sorted(set(own) - set(predicted))
+    if missing:
+        raise ValueError(f"predicted parameters miss {len(missing)} of the module's: {missing[:5]}")
+    unknown = sorted(set(predicted) - set(own))
+    if unknown:
+        raise ValueError(f"predicted parameters name what the module lacks: {unknown[:5]}")
+    out = {}
+    for name, param in own.items():
+        tensor = predicted[name]
+        if tensor.numel() != param.numel():
+            raise ValueError(
+                f"prediction for {name} has {tensor.numel()} elements, the parameter "
+                f"{tuple(param.shape)} has {param.numel()}"
+            )
+        out[name] = tensor.reshape(param.shape)
+    return out
+
+
+def functional_forward(module: nn.Module, predicted: dict[str, Tensor], *inputs: Tensor) -> Tensor:
+    """``module(*inputs)`` with the predicted parameters in place of its own, differentiably
+    (through :func:`torch.func.functional_call`; buffers such as batch-norm statistics stay the
+    module's)."""
+    return torch.func.functional_call(module, functional_parameters(module, predicted), inputs)
+
+
+@torch.no_grad()
+def load_parameters(module: nn.Module, predicted: dict[str, Tensor]) -> nn.Module:
+    """Copy the predicted parameters into ``module`` (detached) and return it."""
+    for name, tensor in functional_parameters(module, predicted).items():
+        module.get_parameter(name).copy_(tensor)
+    return module
