@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +43,15 @@ import torch
 from torch import Tensor, nn
 
 from deepkern.data.compgraph import NODE_TYPES, ComputationalGraph
+from deepkern.models.training import (
+    batches_of,
+    data_parallel,
+    progress_bar,
+    rank_and_world,
+    save_atomic,
+    save_on_first_rank,
+    warmup_cosine,
+)
 from deepkern.ops import graph as graph_ops
 
 __all__ = [
@@ -575,3 +586,289 @@ def load_parameters(module: nn.Module, predicted: dict[str, Tensor]) -> nn.Modul
     for name, tensor in functional_parameters(module, predicted).items():
         module.get_parameter(name).copy_(tensor)
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`train` fits a GHN.
+
+    Attributes:
+        epochs: passes over the training architectures.
+        meta_batch: architectures per step; each sees the same batch of images.
+        batch_size: images per step.
+        lr, weight_decay: of AdamW.
+        grad_clip: the largest gradient norm of a step.
+        warmup_fraction: share of the steps with a linear warm-up before the cosine decay.
+        seed: architecture order and image order come from it (and the epoch).
+        device: where the GHN and the networks run.
+        checkpoint: path written atomically after every epoch, or None.
+        resume: continue from ``checkpoint`` when it exists.
+        progress: show a tqdm bar.
+    """
+
+    epochs: int = 10
+    meta_batch: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 5.0
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "meta_batch", "batch_size", "seed"):
+            value, low = getattr(self, name), 0 if name in ("epochs", "seed") else 1
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must lie in [0, 1), got {self.warmup_fraction}")
+        if self.resume and not self.checkpoint:
+            raise ValueError("resume needs a checkpoint path")
+        try:
+            torch.device(self.device)
+        except RuntimeError as error:
+            raise ValueError(f"device: {error}") from error
+
+
+def _order(count: int, seed: int, epoch: int, salt: int) -> list[int]:
+    # Depends on the seed, the epoch and what is ordered alone, so a resumed run repeats it.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + salt)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+def meta_batch_loss(
+    ghn: nn.Module, nets: Sequence[nn.Module], plan: SweepPlan, images: Tensor, labels: Tensor
+) -> Tensor:
+    """Mean cross-entropy of the networks of a meta-batch, each run with the parameters the
+    GHN predicts for it on the same images. Differentiable in the GHN's parameters."""
+    predictions = ghn(plan)
+    losses = [
+        nn.functional.cross_entropy(functional_forward(net, params, images), labels)
+        for net, params in zip(nets, predictions)
+    ]
+    return torch.stack(losses).mean()
+
+
+def train(
+    ghn: GHN2,
+    config: TrainConfig,
+    nets: Sequence[nn.Module],
+    graphs: Sequence[ComputationalGraph],
+    images: Tensor,
+    labels: Tensor,
+    name: str = "GHN-2",
+) -> dict:
+    """Train a GHN to predict the parameters of ``nets`` from their graphs.
+
+    Each step takes ``meta_batch`` architectures and a batch of images; the loss is the mean
+    cross-entropy of the networks run with the predicted parameters (batch norm in training
+    mode). AdamW with warm-up and cosine decay, gradient clipping. Under ``torch.distributed``
+    the GHN is wrapped in DistributedDataParallel and each process takes its share of every
+    epoch's meta-batches; the first process writes the checkpoint.
+
+    Args:
+        ghn: the hypernetwork; trained in place, moved to ``config.device``.
+        config: the settings.
+        nets, graphs: the training architectures as modules and their computational graphs.
+        images (Tensor[N, C, H, W]), labels (Tensor[N] int64): the training images.
+        name: label of the progress bar and log lines.
+
+    Returns:
+        dict with ``train_loss`` of the last epoch, ``epochs``, ``start_epoch``, ``seconds``
+        and ``history`` (one record per epoch).
+
+    Raises:
+        ValueError: no architectures, nets and graphs of different lengths, images and labels
+            that disagree, or a loss that is not finite.
+    """
+    if not nets or len(nets) != len(graphs):
+        raise ValueError(
+            f"nets and graphs must be non-empty and of equal length, got {len(nets)} and "
+            f"{len(graphs)}"
+        )
+    if images.shape[0] != labels.shape[0] or images.shape[0] < 2:
+        raise ValueError("images and labels must hold the same number (at least 2) of examples")
+    device = torch.device(config.device)
+    rank, world = rank_and_world()
+    ghn.to(device)
+    for net in nets:
+        net.to(device).train()
+    images, labels = images.to(device), labels.to(device)
+    model = data_parallel(ghn, device, world)
+    optimizer = torch.optim.AdamW(ghn.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    per_epoch = math.ceil(math.ceil(len(nets) / config.meta_batch) / world)
+    start_epoch, history = 0, []
+    if config.resume and config.checkpoint and os.path.exists(config.checkpoint):
+        state = torch.load(config.checkpoint, map_location=device, weights_only=True)
+        ghn.load_state_dict(state["ghn"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        logger.info("resumed %s from %s after epoch %d", name, config.checkpoint, start_epoch)
+
+    started = time.perf_counter()
+    total_steps = max(1, config.epochs * per_epoch)
+    bar = progress_bar(
+        (config.epochs - start_epoch) * per_epoch, name, config.progress and rank == 0
+    )
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            order = _order(len(nets), config.seed, epoch, salt=1)
+            batches = [
+                order[i : i + config.meta_batch] for i in range(0, len(order), config.meta_batch)
+            ]
+            mine = [batches[(s * world + rank) % len(batches)] for s in range(per_epoch)]
+            image_order = torch.tensor(_order(images.shape[0], config.seed, epoch, salt=2))
+            sums = torch.zeros(2, dtype=torch.float64, device=device)
+            for step, chosen in enumerate(mine):
+                lr = warmup_cosine(
+                    config.lr, config.warmup_fraction, epoch * per_epoch + step, total_steps
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                first = (step * config.batch_size) % images.shape[0]
+                pick = image_order[first : first + config.batch_size].to(device)
+                if pick.numel() < 2:
+                    pick = image_order[: config.batch_size].to(device)
+                plan = plan_sweep([graphs[i] for i in chosen], ghn.virtual_edges)
+                loss = meta_batch_loss(
+                    model, [nets[i] for i in chosen], plan, images[pick], labels[pick]
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ghn.parameters(), config.grad_clip)
+                optimizer.step()
+                sums += torch.tensor(
+                    [float(loss.detach()), 1.0], dtype=torch.float64, device=device
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if world > 1:
+                torch.distributed.all_reduce(sums)
+            mean_loss = float(sums[0] / sums[1].clamp(min=1))
+            if not math.isfinite(mean_loss):
+                raise ValueError(
+                    f"{name}: the training loss is not finite in epoch {epoch + 1}; lower the "
+                    f"learning rate (now {config.lr})"
+                )
+            history.append({"epoch": epoch + 1, "train_loss": mean_loss})
+            logger.info("%s epoch %d/%d: loss %.4f", name, epoch + 1, config.epochs, mean_loss)
+            if config.checkpoint:
+                state = {
+                    "epoch": epoch + 1,
+                    "ghn": ghn.state_dict(),
+                    "ghn_config": ghn.config,
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                }
+                save_on_first_rank(state, config.checkpoint, rank, world)
+    finally:
+        bar.close()
+    return {
+        "train_loss": history[-1]["train_loss"] if history else None,
+        "epochs": config.epochs,
+        "start_epoch": start_epoch,
+        "seconds": time.perf_counter() - started,
+        "history": history,
+    }
+
+
+def save_ghn(ghn: GHN2, path: str) -> None:
+    """Write the GHN's weights and constructor settings atomically (a file :func:`load_ghn`
+    reads, as do the checkpoints :func:`train` writes)."""
+    save_atomic({"ghn": ghn.state_dict(), "ghn_config": ghn.config}, path)
+
+
+def load_ghn(path: str, map_location: str | torch.device = "cpu") -> GHN2:
+    """A GHN from a file of :func:`save_ghn` or a training checkpoint.
+
+    Raises:
+        ValueError: a file that is not such a checkpoint (the message names the path).
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable GHN checkpoint ({error})") from error
+    if not isinstance(state, dict) or "ghn" not in state or "ghn_config" not in state:
+        raise ValueError(f"{path}: not a GHN checkpoint (expected the keys 'ghn' and 'ghn_config')")
+    ghn = GHN2(**state["ghn_config"])
+    ghn.load_state_dict(state["ghn"])
+    return ghn
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(net: nn.Module, images: Tensor, batch_size: int = 256) -> nn.Module:
+    """Recompute the running statistics of every batch-norm layer from ``images``.
+
+    Predicted and freshly drawn parameters come without statistics of their own; every column
+    of the evaluation recomputes them the same way (a cumulative mean over the images), then
+    evaluates in eval mode.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return net
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    for start in range(0, images.shape[0], batch_size):
+        chunk = images[start : start + batch_size]
+        if chunk.shape[0] > 1:
+            net(chunk)
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return net
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``net`` in eval mode."""
+    net.eval()
+    correct = 0
+    for start in range(0, images.shape[0], batch_size):
+        logits = net(images[start : start + batch_size])
+        correct += int((logits.argmax(1) == labels[start : start + batch_size]).sum())
+    return correct / max(1, images.shape[0])
+
+
+def train_with_sgd(
+    net: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    epochs: int,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
+    """Train ``net`` in place with SGD (momentum 0.9, weight decay 5e-4, cosine schedule)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = max(1, epochs * math.ceil(images.shape[0] / batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    net.train()
+    for epoch in range(epochs):
+        order = _order(images.shape[0], seed, epoch, salt=3)
+        for batch in batches_of(order, batch_size):
+            index = torch.tensor(batch, device=images.device)
+            loss = nn.functional.cross_entropy(net(images[index]), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return net
