@@ -44,6 +44,12 @@ def _route(args: argparse.Namespace) -> int:
     return vrp.run_route(args)
 
 
+def _ghn_predict(args: argparse.Namespace) -> int:
+    from deepkern.models import ghn
+
+    return ghn.run_predict(args)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     return args.reproduce(args)
 
@@ -61,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     from deepkern import bench
     from deepkern.models import (
         cpngnn,
+        ghn,
         kolmogorov,
         momentum_resnet,
         ptrnet,
@@ -91,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     route = commands.add_parser("route", help="solve a TSPLIB or CVRPLIB instance")
     vrp.add_route_arguments(route)
     route.set_defaults(run=_route)
+
+    ghn_parser = commands.add_parser("ghn", help="predict network parameters with GHN-2")
+    ghn_commands = ghn_parser.add_subparsers(dest="ghn_command", required=True)
+    predict = ghn_commands.add_parser("predict", help="predict all parameters of a network")
+    ghn.add_predict_arguments(predict)
+    predict.set_defaults(run=_ghn_predict)
 
     reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
     reproduce_models = reproduce.add_subparsers(dest="model", required=True)

@@ -35,6 +35,7 @@ FAMILIES: dict[str, str] = {
     "sde": "deepkern.bench.sde",
     "graph": "deepkern.bench.graph",
     "vrp": "deepkern.bench.vrp",
+    "ghn": "deepkern.bench.ghn",
 }
 
 

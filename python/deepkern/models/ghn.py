@@ -32,6 +32,7 @@ scikit-learn's digits. ``deepkern ghn predict`` and ``deepkern reproduce ghn`` a
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -872,3 +873,91 @@ def train_with_sgd(
             optimizer.step()
             schedule.step()
     return net
+
+
+# ---------------------------------------------------------------------------------------------
+# deepkern ghn predict
+
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``deepkern ghn predict``."""
+    parser.description = (
+        "Predict all parameters of a named network with a GHN-2 in one forward pass and print "
+        "the time it took (graph extraction and prediction separately)."
+    )
+    parser.add_argument("--arch", required=True, choices=ARCHITECTURES, help="the network")
+    parser.add_argument(
+        "--checkpoint", help="a trained GHN (deepkern reproduce ghn --out writes ghn.pt)"
+    )
+    parser.add_argument("--num-classes", type=int, default=10, help="outputs (default 10)")
+    parser.add_argument("--in-channels", type=int, default=3, help="image channels (default 3)")
+    parser.add_argument("--image-size", type=int, default=32, help="image side (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed predictions (default 5)")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--save", help="write the predicted state_dict here (torch.save)")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``deepkern ghn predict``: build the network, extract its graph, predict, time, print."""
+    from deepkern.data.compgraph import graph_of
+    from deepkern.models import resnet
+
+    for name in ("num_classes", "in_channels", "image_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
+
+    if args.checkpoint:
+        model = load_ghn(args.checkpoint, map_location=device)
+        source = args.checkpoint
+    else:
+        torch.manual_seed(0)
+        model = GHN2()
+        source = "no checkpoint: an untrained GHN-2 (timing only; pass --checkpoint)"
+    model.to(device).eval()
+    net = getattr(resnet, args.arch)(num_classes=args.num_classes, in_channels=args.in_channels)
+    example = torch.randn(1, args.in_channels, args.image_size, args.image_size)
+
+    started = time.perf_counter()
+    graph = graph_of(net, example)
+    extraction = time.perf_counter() - started
+    seconds = []
+    for _ in range(args.repeats):
+        _synchronise(device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            predicted = model([graph])[0]
+        _synchronise(device)
+        seconds.append(time.perf_counter() - started)
+    load_parameters(net, {k: v.cpu() for k, v in predicted.items()})
+
+    count = sum(p.numel() for p in net.parameters())
+    print(f"GHN-2: {source}")
+    print(
+        f"{args.arch}: {count:,} parameters in {len(predicted)} tensors; graph of "
+        f"{graph.num_nodes} nodes, {graph.edges.shape[1]} edges "
+        f"({int((graph.edge_lengths > 1).sum())} virtual), {int(graph.levels.max()) + 1} levels"
+    )
+    print(f"graph extraction: {extraction:.3f} s")
+    print(
+        f"prediction ({device}, {torch.get_num_threads()} threads): first {seconds[0]:.3f} s, "
+        f"median of {len(seconds)} {sorted(seconds)[len(seconds) // 2]:.3f} s"
+    )
+    if args.save:
+        save_atomic(net.state_dict(), args.save)
+        print(f"wrote {args.save}")
+    return 0
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
