@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("vrp", vrp, "reinforcement learning for the CVRP (Nazari et al. 2018)"),
         ("yoon", yoon, "GNNs against loopy BP for MRF marginals (Yoon et al. 2018)"),
         ("cpngnn", cpngnn, "port-numbered GNNs for dominating set and vertex cover (Sato 2019)"),
+        ("ghn", ghn, "parameter prediction for unseen architectures (GHN-2, Knyazev 2021)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)
