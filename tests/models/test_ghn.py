@@ -255,3 +255,128 @@ def test_bad_input_is_refused_with_a_clear_error():
     predicted["fc.bias"] = predicted["fc.bias"][:3]
     with pytest.raises(ValueError, match="fc.bias"):
         ghn.functional_parameters(net, predicted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, resume, data parallelism and the commands, on small ResNets read by graph_of
+
+
+def small_pool(split="train", count=4, seed=0, image_size=8):
+    from deepkern.data.compgraph import graph_of
+    from deepkern.models.resnet import small_resnet
+
+    nets, graphs = [], []
+    for i in range(count):
+        torch.manual_seed(seed * 100 + i)
+        net = small_resnet(2 * (1 + (seed + i) % 2), width=4 + 2 * (i % 2))
+        nets.append(net)
+        graphs.append(graph_of(net, torch.zeros(2, 1, image_size, image_size)))
+    return [None] * count, nets, graphs
+
+
+def _digits(count=96):
+    from deepkern.data.images import load_digits_split
+
+    x_train, y_train, _, _ = load_digits_split(seed=0)
+    return x_train[:count], y_train[:count]
+
+
+def _train(epochs, checkpoint=None, resume=False, seed=0):
+    _, nets, graphs = small_pool()
+    images, labels = _digits()
+    torch.manual_seed(seed)
+    model = ghn.GHN2(hidden=8, max_shape=(8, 8, 3, 3))
+    config = ghn.TrainConfig(
+        epochs=epochs, meta_batch=2, batch_size=32, lr=5e-3, checkpoint=checkpoint,
+        resume=resume, progress=False,
+    )  # fmt: skip
+    return model, ghn.train(model, config, nets, graphs, images, labels)
+
+
+def test_training_lowers_the_loss_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    path = str(tmp_path / "ghn.pt")
+    straight, result = _train(4)
+    assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+
+    # A run of 4 epochs that dies before its third checkpoint, then resumes.
+    saves = []
+    save = ghn.save_on_first_rank
+
+    def dies_on_third_save(state, *args):
+        saves.append(state["epoch"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+        save(state, *args)
+
+    monkeypatch.setattr(ghn, "save_on_first_rank", dies_on_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        _train(4, checkpoint=path)
+    monkeypatch.setattr(ghn, "save_on_first_rank", save)
+    resumed, again = _train(4, checkpoint=path, resume=True)
+    assert again["start_epoch"] == 2 and len(again["history"]) == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    loaded = ghn.load_ghn(path)
+    for a, b in zip(loaded.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _train_on_this_rank():
+    model, result = _train(2)
+    return {"state": model.state_dict(), "loss": result["train_loss"]}
+
+
+def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
+    from tests.distributed import run_two_ranks
+
+    first, second = run_two_ranks(_train_on_this_rank, tmp_path)
+    assert math.isfinite(first["loss"]) and first["loss"] == second["loss"]
+    for a, b in zip(first["state"].values(), second["state"].values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_reproduce_and_predict_commands(monkeypatch, tmp_path, capsys):
+    from deepkern import cli
+
+    monkeypatch.setattr(ghn, "_architecture_pool", small_pool)
+    out = tmp_path / "run"
+    arguments = ["reproduce", "ghn", "--quick", "--no-progress", "--train-archs", "4"]
+    arguments += ["--test-archs", "1", "--sgd-epochs", "1", "--epochs", "1", "--out", str(out)]
+    assert cli.main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "random init" in printed and "GHN-2" in printed and "SGD 1 ep" in printed
+    report = __import__("json").loads((out / "ghn.json").read_text())
+    row = report["rows"][0]
+    assert row["split"] == "test" and row["count"] == 1
+    assert all(0 <= row[k] <= 100 for k in ("random", "predicted", "sgd1", "sgd"))
+
+    checkpoint = str(out / "ghn.pt")
+    arguments = ["ghn", "predict", "--arch", "resnet18", "--checkpoint", checkpoint]
+    assert cli.main(arguments + ["--in-channels", "1", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet18: 11,1" in printed and "prediction (cpu" in printed
+
+    assert cli.main(["reproduce", "ghn", "--quick", "--hidden", "10"]) == 2
+    assert "--hidden must be a multiple of 4" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert (
+        cli.main(
+            ["ghn", "predict", "--arch", "resnet18", "--checkpoint", str(tmp_path / "junk.pt")]
+        )
+        == 2
+    )
+    assert "not a readable GHN checkpoint" in capsys.readouterr().err
+
+
+def test_ghn_benchmark_quick(monkeypatch, tmp_path):
+    from deepkern import cli
+    from deepkern.bench import ghn as ghn_bench
+
+    monkeypatch.setattr(ghn_bench, "_graphs", lambda count, seed: small_pool(count=count)[2])
+    path = tmp_path / "ghn.json"
+    assert cli.main(["bench", "ghn", "--quick", "--hidden", "8", "--json", str(path)]) == 0
+    rows = __import__("json").loads(path.read_text())["rows"]
+    assert len(rows) == 2 * 2
+    for row in rows:
+        assert "error" not in row and row["level_s"] > 0 and row["node_s"] > 0
+        assert (row.get("level_peak_bytes") is not None) == (row["mode"] != "forward")

@@ -36,6 +36,7 @@ import argparse
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -800,7 +801,7 @@ def load_ghn(path: str, map_location: str | torch.device = "cpu") -> GHN2:
     """
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as error:
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path}: not a readable GHN checkpoint ({error})") from error
     if not isinstance(state, dict) or "ghn" not in state or "ghn_config" not in state:
         raise ValueError(f"{path}: not a GHN checkpoint (expected the keys 'ghn' and 'ghn_config')")
