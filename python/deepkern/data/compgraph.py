@@ -176,6 +176,7 @@ _SKIPPED_METHODS = {
     "view_as",
     "reshape",
     "flatten",
+    "unflatten",
     "permute",
     "transpose",
     "t",
