@@ -380,3 +380,16 @@ def test_ghn_benchmark_quick(monkeypatch, tmp_path):
     for row in rows:
         assert "error" not in row and row["level_s"] > 0 and row["node_s"] > 0
         assert (row.get("level_peak_bytes") is not None) == (row["mode"] != "forward")
+
+
+def test_generated_architectures_sweep_alike_and_take_predicted_parameters():
+    _, nets, graphs = ghn._architecture_pool("train", 2, seed=0, image_size=8, channels=4)
+    model = _model(hidden=8)
+    plan = ghn.plan_sweep(graphs)
+    level = model.propagate(plan, model.embed(plan).double(), "level")
+    node = model.propagate(plan, model.embed(plan).double(), "node")
+    torch.testing.assert_close(level, node)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for net, predicted in zip(nets, model(plan)):
+        out = ghn.functional_forward(net.double(), predicted, x)
+        assert out.shape == (4, 10) and torch.isfinite(out).all()

@@ -35,19 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _graphs(count: int | None, seed: int) -> list:
-    from deepkern.data.compgraph import graph_of
-
+    """The meta-batch's graphs: ``count`` generated architectures (train split; the width
+    does not change a graph, only its shapes) or, for None, ResNet-50."""
     if count is None:
+        from deepkern.data.compgraph import graph_of
         from deepkern.models.resnet import resnet50
 
         return [graph_of(resnet50(num_classes=10, in_channels=3), torch.randn(2, 3, 32, 32))]
-    from deepkern.data.architectures import architectures, build_network
-
-    graphs = []
-    for genotype in architectures("train", count, seed):
-        net = build_network(genotype, num_classes=10, in_channels=1, image_size=8)
-        graphs.append(graph_of(net, torch.randn(2, 1, 8, 8)))
-    return graphs
+    return ghn._architecture_pool("train", count, seed, image_size=8, channels=8)[2]
 
 
 def _states(model: ghn.GHN2, plan: ghn.SweepPlan, sweep: str) -> torch.Tensor:
