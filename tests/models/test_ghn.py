@@ -261,7 +261,7 @@ def test_bad_input_is_refused_with_a_clear_error():
 # Training, resume, data parallelism and the commands, on small ResNets read by graph_of
 
 
-def small_pool(split="train", count=4, seed=0, image_size=8, channels=None):
+def small_pool(split="train", count=4, seed=0, image_size=8, channels=None, max_nodes=None):
     from deepkern.data.compgraph import graph_of
     from deepkern.models.resnet import small_resnet
 

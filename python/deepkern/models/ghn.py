@@ -33,6 +33,7 @@ scikit-learn's digits. ``deepkern ghn predict`` and ``deepkern reproduce ghn`` a
 from __future__ import annotations
 
 import argparse
+import bisect
 import logging
 import math
 import os
@@ -108,8 +109,9 @@ class _Level:
     start: int
     end: int
     rowptr: Tensor  # [end - start + 1] over this level's incoming edges
-    col: Tensor  # [edges] rows of the message table, 2 * source position + is_virtual
+    col: Tensor  # [edges] rows of the message window, 2 * source offset + is_virtual
     weight: Tensor  # [edges] 1 for real edges, 1 / length for virtual ones
+    window: int = 0  # the first earlier level this one reads from; its messages start at row 0
 
     @property
     def has_edges(self) -> bool:
@@ -192,20 +194,29 @@ def _levels_of(
     rows, cols, weights = rows[order], cols[order], weights[order]
     counts = torch.bincount(rows, minlength=num_nodes)
     rowptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    levels, start = [], 0
+    starts = [0]
     for size in sizes:
-        end = start + size
+        starts.append(starts[-1] + size)
+    levels = []
+    for start, end in zip(starts[:-1], starts[1:]):
         first, last = int(rowptr[start]), int(rowptr[end])
+        col = cols[first:last]
+        # A level reads only from the window of levels its earliest source lies in and after
+        # (virtual edges reach back at most MAX_SHORTEST_PATH levels), so the table it gathers
+        # from, and autograd keeps, is that window rather than every level so far.
+        window = 0
+        if col.numel():
+            window = bisect.bisect_right(starts, int(col.min()) // 2) - 1
         levels.append(
             _Level(
                 start=start,
                 end=end,
                 rowptr=rowptr[start : end + 1] - first,
-                col=cols[first:last],
+                col=col - 2 * starts[window],
                 weight=weights[first:last],
+                window=window,
             )
         )
-        start = end
     return levels
 
 
@@ -450,7 +461,7 @@ class GHN2(nn.Module):
         for index, level in enumerate(levels):
             previous = states[level.start : level.end]
             if level.has_edges:
-                table = torch.cat(chunks).reshape(-1, self.hidden)
+                table = torch.cat(chunks[level.window :]).reshape(-1, self.hidden)
                 received = graph_ops.gather_reduce(
                     table,
                     level.rowptr.to(device),
@@ -980,25 +991,26 @@ TEST_SPLITS = ("test", "wide", "deep", "dense", "bn_free")
 class _Settings:
     """What ``deepkern reproduce ghn`` trains and measures."""
 
-    train_archs: int = 48
+    train_archs: int = 32
     test_archs: int = 8
     test_splits: tuple[str, ...] = ("test",)
     resnet50: bool = True
     resnet50_sgd: bool = False
     image_size: int = 8
     channels: int | None = 8
+    max_nodes: int | None = 120
     hidden: int = 32
     max_shape: tuple[int, ...] = (16, 16, 3, 3)
     rounds: int = 1
-    epochs: int = 10
-    meta_batch: int = 8
+    epochs: int = 36
+    meta_batch: int = 4
     batch_size: int = 64
-    lr: float = 2e-3
-    sgd_epochs: int = 15
+    lr: float = 5e-3
+    sgd_epochs: int = 5
     sgd_lr: float = 0.05
     seed: int = 0
     device: str = "cpu"
-    threads: int | None = None
+    threads: int | None = 1
     checkpoint_dir: str | None = None
     resume: bool = False
 
@@ -1006,26 +1018,27 @@ class _Settings:
 _DEFAULTS = _Settings()
 _QUICK = _Settings(
     train_archs=8, test_archs=2, resnet50=False, channels=4, hidden=8, max_shape=(8, 8, 3, 3),
-    epochs=2, meta_batch=4, batch_size=32, sgd_epochs=2,
+    epochs=2, meta_batch=4, batch_size=32, sgd_epochs=2, threads=None,
 )  # fmt: skip
 _FULL = _Settings(
     train_archs=20_000, test_archs=100, test_splits=TEST_SPLITS, image_size=32, channels=None,
-    hidden=64,
+    max_nodes=None, hidden=64,
     max_shape=(64, 64, 3, 3), epochs=100, meta_batch=8, batch_size=64, lr=1e-3, sgd_epochs=50,
-    resnet50_sgd=True,
+    resnet50_sgd=True, threads=None,
 )  # fmt: skip
 
 
 def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``deepkern reproduce ghn``.
 
-    By default a GHN-2 trains on 48 generated architectures (train split, 8 channels) with
-    scikit-learn's 8x8 digits for 10 epochs on the CPU, and is tested on 8 held-out
-    architectures: accuracy with predicted parameters against random initialisation, one epoch
-    of SGD and SGD to convergence; and on ResNet-50 (predicted against random initialisation;
-    ``--resnet50-sgd`` adds its SGD columns, slow on a CPU). ``--full`` trains on 20000
-    architectures with digits upsampled to 32x32 and tests every split (a GPU when there is
-    one); ``--quick`` runs in seconds.
+    By default a GHN-2 trains on 32 generated architectures (train split, 8 channels, graphs of
+    at most 120 nodes) with scikit-learn's 8x8 digits for 36 epochs (288 steps) on one CPU
+    thread, and is tested on 8 held-out architectures within the same limits: accuracy with
+    predicted parameters against random initialisation, one epoch of SGD and five; and on
+    ResNet-50 (predicted against random initialisation; ``--resnet50-sgd`` adds its SGD
+    columns, slow on a CPU). ``--full`` trains on 20000 architectures of any size with digits
+    upsampled to 32x32 and tests every split (a GPU when there is one); ``--quick`` runs in
+    seconds.
     """
     parser.description = (
         "Parameter prediction for unseen architectures with GHN-2 (Knyazev et al. 2021): "
@@ -1058,6 +1071,9 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels", type=int, help=f"width of the generated networks ({d.channels})"
     )
+    parser.add_argument(
+        "--max-nodes", type=int, help=f"largest graph of a generated network ({d.max_nodes})"
+    )
     parser.add_argument("--hidden", type=int, help=f"GHN state size ({d.hidden})")
     parser.add_argument(
         "--max-shape", type=int, nargs=4, help="decoder block out in k k (16 16 3 3)"
@@ -1075,7 +1091,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="seed of architectures and training (0)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch")
+    parser.add_argument("--threads", type=int, help="CPU threads of PyTorch (default 1)")
     parser.add_argument("--checkpoint-dir", help="write ghn.pt here after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--out", help="write ghn.json (settings, table, training) here")
@@ -1090,6 +1106,8 @@ def _check_settings(settings: _Settings) -> None:
         value = getattr(settings, name)
         if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if settings.max_nodes is not None and settings.max_nodes < 2:
+        raise ValueError(f"--max-nodes must be at least 2, got {settings.max_nodes}")
     if settings.hidden % 4:
         raise ValueError(f"--hidden must be a multiple of 4, got {settings.hidden}")
     if len(settings.max_shape) != 4 or min(settings.max_shape) < 1:
@@ -1110,34 +1128,50 @@ def _check_settings(settings: _Settings) -> None:
         raise ValueError(f"--device {settings.device}: no CUDA device is available")
 
 
-def _architecture_pool(split: str, count: int, seed: int, image_size: int, channels=None):
+def _architecture_pool(
+    split: str,
+    count: int,
+    seed: int,
+    image_size: int,
+    channels: int | None = None,
+    max_nodes: int | None = None,
+):
     """Generated architectures of a split as (genotypes, networks, graphs).
 
     A genotype whose network cannot be built or read as a graph at this image size is passed
-    over (logged), and the next one taken, so that the pool holds ``count`` working networks.
+    over (logged), and so is one whose graph has more than ``max_nodes`` nodes; the next one is
+    taken, so that the pool holds ``count`` networks.
 
     Raises:
-        ValueError: fewer than ``count`` working networks among twice as many genotypes.
+        ValueError: fewer than ``count`` such networks among the genotypes drawn (twice
+            ``count``, or eight times with a node limit).
     """
     from deepkern.data.architectures import architectures, build_network
     from deepkern.data.compgraph import graph_of
 
+    drawn = (2 if max_nodes is None else 8) * count
     genotypes, nets, graphs = [], [], []
-    for i, genotype in enumerate(architectures(split, 2 * count, seed)):
+    for i, genotype in enumerate(architectures(split, drawn, seed)):
         torch.manual_seed(seed * 100_003 + i)  # the network's random initialisation
         try:
             net = build_network(genotype, 10, 1, image_size, channels=channels)
+            # Every parameter tensor is a node: a cheap lower bound before tracing.
+            if max_nodes is not None and len(list(net.parameters())) > max_nodes:
+                continue
             graph = graph_of(net, torch.zeros(2, 1, image_size, image_size))
         except ValueError as error:
             logger.warning("%s architecture %d passed over: %s", split, i, error)
+            continue
+        if max_nodes is not None and graph.num_nodes > max_nodes:
             continue
         genotypes.append(genotype)
         nets.append(net)
         graphs.append(graph)
         if len(nets) == count:
             return genotypes, nets, graphs
+    limit = "" if max_nodes is None else f" of at most {max_nodes} nodes"
     raise ValueError(
-        f"only {len(nets)} of {2 * count} {split} architectures build at image size "
+        f"only {len(nets)} of {drawn} {split} architectures build{limit} at image size "
         f"{image_size}; {count} were asked for"
     )
 
@@ -1252,6 +1286,7 @@ def _reproduce(args: argparse.Namespace, settings: _Settings) -> int:
             10_000 + settings.seed,
             settings.image_size,
             settings.channels,
+            settings.max_nodes,
         )
         scores = _evaluate_pool(
             model, [n.to(device) for n in test_nets], test_graphs, data, settings
