@@ -195,7 +195,10 @@ def sample_architecture(rng: random.Random | int, split: str = "train") -> dict[
     head = "glob_avg" if has_msa or is_deep or rng.random() < 0.9 else "flatten"
     if split == "bn_free":
         norm = None
-    elif cells <= min_cells + 1 and steps <= _DEEP_MAX_STEPS:
+    elif cells <= min_cells + 1 and steps <= (
+        _DENSE_DEEP_MAX_STEPS if split == "dense" else _DEEP_MAX_STEPS
+    ):
+        # Only the smallest networks of a split may go without batch norm.
         norm = rng.choice(("bn", None))
     else:
         norm = "bn"
@@ -547,10 +550,13 @@ class _Cell(nn.Module):
         self.pre1 = self._preprocess(c_prev, channels, 1, preprocess, norm)
         self.ops = nn.ModuleList()
         for op, state in self.pairs:
+            # In a reduction cell only the edges from the cell inputs stride; the nodes' outputs
+            # already have the reduced size.
             stride = 2 if reduction and state < 2 else 1
+            op_size = _reduced(size) if reduction and state >= 2 else size
             # An absent edge gets a placeholder so that indices line up; forward skips it.
             self.ops.append(
-                nn.Identity() if op == "none" else _operation(op, channels, stride, norm, size)
+                nn.Identity() if op == "none" else _operation(op, channels, stride, norm, op_size)
             )
         self.reduction = reduction
 

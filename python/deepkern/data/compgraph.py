@@ -5,6 +5,10 @@ a topological order (every edge goes from a lower to a higher index). Real edges
 virtual edges join nodes whose shortest real path has length 2 to 50 and let a message skip
 the nodes in between. ``levels`` are the depths used by the level-synchronous sweep: the length
 of the longest real path from an input node, so all nodes of one level can be updated together.
+
+:func:`graph_of` reads a network's graph by tracing it with ``torch.fx`` (each node predicts
+exactly one parameter; biases are nodes of their own), and :func:`batch_graphs` joins several
+graphs into one disjoint graph for a batched hypernetwork.
 """
 
 from __future__ import annotations
@@ -387,7 +391,8 @@ class _Builder:
         is_method = fx_node.op == "call_method"
         inputs = _fx_inputs((fx_node.args, fx_node.kwargs))
         if (is_method and target in _ADD_METHODS) or (not is_method and target in _ADD_FUNCTIONS):
-            return self.addition(fx_node, [a for a in fx_node.args[:2] if a in self.producers])
+            operands = [*fx_node.args[:2], fx_node.kwargs.get("other")]
+            return self.addition(fx_node, [a for a in operands if a in self.producers])
         if not is_method and target in _CAT_FUNCTIONS:
             parts = _fx_inputs(fx_node.args[0] if fx_node.args else fx_node.kwargs["tensors"])
             sources = self.sources_of(fx_node, parts)
