@@ -393,3 +393,15 @@ def test_generated_architectures_sweep_alike_and_take_predicted_parameters():
     for net, predicted in zip(nets, model(plan)):
         out = ghn.functional_forward(net.double(), predicted, x)
         assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_reproduce_options_override_the_chosen_size():
+    from deepkern import cli
+
+    parse = cli.build_parser().parse_args
+    settings = ghn._resolve(parse(["reproduce", "ghn", "--no-resnet50", "--max-nodes", "60"]))
+    assert settings.resnet50 is False and settings.max_nodes == 60
+    assert settings.train_archs == ghn._DEFAULTS.train_archs
+    assert ghn._resolve(parse(["reproduce", "ghn"])).resnet50 is True
+    with pytest.raises(ValueError, match="--max-nodes"):
+        ghn._resolve(parse(["reproduce", "ghn", "--max-nodes", "1"]))

@@ -1235,13 +1235,24 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}%"
 
 
-def run_reproduce(args: argparse.Namespace) -> int:
-    """``deepkern reproduce ghn``: train a GHN-2, test it on held-out architectures, print."""
-    from deepkern.models.training import process_group, settings_from_arguments
+def _resolve(args: argparse.Namespace) -> _Settings:
+    """The settings of a run: the size picked, command-line overrides, checked."""
+    from deepkern.models.training import settings_from_arguments
 
     settings = settings_from_arguments(args, _DEFAULTS, _QUICK, _FULL)
+    # settings_from_arguments passes over False values; --no-resnet50 is one.
+    if getattr(args, "resnet50", None) is False:
+        settings.resnet50 = False
     settings.max_shape = tuple(settings.max_shape)
     _check_settings(settings)
+    return settings
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """``deepkern reproduce ghn``: train a GHN-2, test it on held-out architectures, print."""
+    from deepkern.models.training import process_group
+
+    settings = _resolve(args)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     with process_group(settings):
