@@ -50,6 +50,12 @@ def _verify(args: argparse.Namespace) -> int:
     return command.run_verify(args)
 
 
+def _ghn_predict(args: argparse.Namespace) -> int:
+    from deepkern.models import ghn
+
+    return ghn.run_predict(args)
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     return args.reproduce(args)
 
@@ -67,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from deepkern import bench
     from deepkern.models import (
         cpngnn,
+        ghn,
         kolmogorov,
         momentum_resnet,
         ptrnet,
@@ -106,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify_command.add_verify_arguments(verify)
     verify.set_defaults(run=_verify)
 
+    ghn_parser = commands.add_parser("ghn", help="predict network parameters with GHN-2")
+    ghn_commands = ghn_parser.add_subparsers(dest="ghn_command", required=True)
+    predict = ghn_commands.add_parser("predict", help="predict all parameters of a network")
+    ghn.add_predict_arguments(predict)
+    predict.set_defaults(run=_ghn_predict)
+
     reproduce = commands.add_parser("reproduce", help="reproduce a paper's headline result")
     reproduce_models = reproduce.add_subparsers(dest="model", required=True)
     papers = [
@@ -118,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("vrp", vrp, "reinforcement learning for the CVRP (Nazari et al. 2018)"),
         ("yoon", yoon, "GNNs against loopy BP for MRF marginals (Yoon et al. 2018)"),
         ("cpngnn", cpngnn, "port-numbered GNNs for dominating set and vertex cover (Sato 2019)"),
+        ("ghn", ghn, "parameter prediction for unseen architectures (GHN-2, Knyazev 2021)"),
     ]
     for name, module, help_text in papers:
         paper = reproduce_models.add_parser(name, help=help_text)

@@ -37,6 +37,7 @@ FAMILIES: dict[str, str] = {
     "vrp": "deepkern.bench.vrp",
     "verify": "deepkern.bench.verify",
     "verify_ops": "deepkern.bench.verify_ops",
+    "ghn": "deepkern.bench.ghn",
 }
 
 
