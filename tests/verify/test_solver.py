@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepkern.verify import Disjunct, Region, Specification
+from deepkern.verify import Disjunct, Region, Specification, solver
 from deepkern.verify.bounds import compute_bounds
 from deepkern.verify.solver import verify
 from tests.verify.test_bounds import _milp_minimum
@@ -199,3 +199,44 @@ def test_acas_xu_instances(network_file, property_file, expected):
     assert result.verdict == expected
     if expected == "sat":
         _check_counterexample(network.float(), spec, result)
+
+
+@pytest.mark.parametrize("look_ahead", [True, False])
+def test_both_split_choices_match_the_exact_minimum_on_few_inputs(monkeypatch, look_ahead):
+    # Five inputs send the search to input splitting; a MIP gives the exact answer, and a
+    # threshold either side of it must come out unsat and sat whichever way boxes are split.
+    monkeypatch.setattr(solver, "_LOOK_AHEAD", look_ahead)
+    network = _mlp((5, 8, 8, 3), seed=5)
+    lower = torch.full((5,), -1.0, dtype=torch.float64)
+    upper = torch.full((5,), 1.0, dtype=torch.float64)
+    row = torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)
+    exact = _milp_minimum(network.double(), lower, upper, row)
+    network = network.float()
+    safe = verify(network, _spec(lower, upper, [(row[None], [exact - 0.05])]), timeout=60)
+    assert safe.verdict == "unsat"
+    assert safe.details["strategy"] == "input split" and safe.details["domains"] > 1
+    assert ("look_ahead_boxes" in safe.details) == look_ahead
+    spec = _spec(lower, upper, [(row[None], [exact + 0.05])])
+    _check_counterexample(network, spec, verify(network, spec, timeout=60))
+
+
+def test_a_counterexample_region_smaller_than_the_falsifier_sees_is_not_called_unsat():
+    # y = relu(x0 + ... + x4 - 4.99999) - 1e-7 is positive only on a corner of the cube of
+    # volume ~1e-24; the look-ahead's bounds must leave that corner open until it is found.
+    network = nn.Sequential(nn.Linear(5, 1), nn.ReLU(), nn.Linear(1, 1))
+    with torch.no_grad():
+        network[0].weight.fill_(1.0)
+        network[0].bias.fill_(-4.99999)
+        network[2].weight.fill_(1.0)
+        network[2].bias.fill_(-1e-7)
+    spec = _spec([0.0] * 5, [1.0] * 5, [([[-1.0]], [0.0])])
+    result = verify(network, spec, timeout=30)
+    _check_counterexample(network, spec, result)
+
+
+def test_the_callers_thread_count_comes_back():
+    network = _mlp((2, 8, 1), seed=6)
+    spec = _spec([-1.0, -1.0], [1.0, 1.0], [([[-1.0]], [-100.0])])
+    threads = torch.get_num_threads()
+    assert verify(network, spec, timeout=10).verdict == "unsat"
+    assert torch.get_num_threads() == threads

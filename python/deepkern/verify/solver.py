@@ -15,10 +15,13 @@ the larger of its own and its parent's (both hold on it). Branch and bound split
 bounds cannot clear:
 
 - few inputs (at most 32, e.g. ACAS Xu's 5): input splitting, depth first. Boxes are bounded by
-  CROWN in batches of up to 2048; the dimension split is the one whose width times the
-  magnitude of its coefficient in the bound's linear function is largest (for the row nearest
-  to clearing). The corner that minimises that linear function and the box's center are tried
-  as counterexamples on every box, and every eighth batch the worst boxes get a PGD attack.
+  CROWN in batches of up to 2048; every box is halved along each dimension in turn, both
+  halves bounded, and the dimension whose worse half bounds best (among those within four
+  halvings of the widest, relative to the region) is split (its halves keep
+  those bounds: one that clears is done, the other starts from its bound). The corner that
+  minimises the bound's linear function and the box's center are tried as counterexamples on
+  every box, and every eighth batch the worst boxes get a PGD attack. These networks run on
+  one thread: their layers are too narrow to share.
 - many inputs (e.g. MNIST's 784): ReLU splitting. A subproblem fixes some unstable ReLUs active
   (pre-activation >= 0) or inactive (<= 0); bounds come from ``method`` (alpha-CROWN with 10
   steps by default) with the pre-activation bounds recomputed under the splits; the neuron
@@ -76,6 +79,9 @@ _INPUT_SPLIT_MAX_INPUTS = 32
 _INPUT_SPLIT_PASS = "backward"
 _INPUT_SPLIT_METHOD = "crown"
 _INPUT_SPLIT_STEPS = 0
+# Input splitting bounds both halves along every dimension before it chooses one (ACAS Xu 1_2
+# property 1: 99 boxes instead of 355); the flag lets tests compare the two choices.
+_LOOK_AHEAD = True
 
 
 @dataclass
@@ -327,19 +333,32 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             problem.attack(lo[stuck], hi[stuck], dj[stuck], restarts=8, steps=20)
             raise _Unknown
 
-        choice = (a_best.abs() * width).argmax(-1)
-        zero_coefficient = (a_best.abs() * width).amax(-1) <= 0
-        choice = torch.where(zero_coefficient, width.argmax(-1), choice)
+        if _LOOK_AHEAD:
+            choice, left_score, right_score = _look_ahead(problem, lo, hi, dj, batch)
+            left_score = torch.maximum(left_score, score)
+            right_score = torch.maximum(right_score, score)
+        else:
+            # The linear function's guess: the widest dimension weighted by its coefficient.
+            choice = (a_best.abs() * width).argmax(-1)
+            zero_coefficient = (a_best.abs() * width).amax(-1) <= 0
+            choice = torch.where(zero_coefficient, width.argmax(-1), choice)
+            left_score = right_score = score
         rows_index = torch.arange(lo.shape[0])
         middle = center[rows_index, choice]
         left_hi = hi.clone()
         left_hi[rows_index, choice] = middle
         right_lo = lo.clone()
         right_lo[rows_index, choice] = middle
-        lower = torch.cat([lower, lo, right_lo])
-        upper = torch.cat([upper, left_hi, hi])
-        disjuncts = torch.cat([disjuncts, dj, dj])
-        parents = torch.cat([parents, score, score])
+        # Halves the look-ahead already cleared need no second bound.
+        halves_score = torch.cat([left_score, right_score])
+        cleared = halves_score > 0
+        if bool(cleared.any()):
+            proven = min(proven, float(halves_score[cleared].min()))
+        open_half = ~cleared
+        lower = torch.cat([lower, torch.cat([lo, right_lo])[open_half]])
+        upper = torch.cat([upper, torch.cat([left_hi, hi])[open_half]])
+        disjuncts = torch.cat([disjuncts, torch.cat([dj, dj])[open_half]])
+        parents = torch.cat([parents, halves_score[open_half]])
 
         # The most hopeless boxes get a gradient attack now and then.
         rounds += 1
@@ -347,6 +366,49 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             worst = score.argsort()[: max(1, min(64, score.shape[0]))]
             problem.attack(lo[worst], hi[worst], dj[worst], restarts=4, steps=15)
     return proven
+
+
+def _look_ahead(problem, lo, hi, dj, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bounds both halves of every box [N, n] along every dimension and picks, per box, the
+    dimension whose worse half has the best bound. Returns (dimension [N], the left and the
+    right half's score [N]); the search keeps the halves' bounds, so none is computed twice.
+    At most ``batch`` halves are bounded at once."""
+    count, inputs = lo.shape
+    problem.details["look_ahead_boxes"] = (
+        problem.details.get("look_ahead_boxes", 0) + 2 * inputs * count
+    )
+    center = (lo + hi) / 2
+    scores = []
+    for dim in range(inputs):
+        left_hi = hi.clone()
+        left_hi[:, dim] = center[:, dim]
+        right_lo = lo.clone()
+        right_lo[:, dim] = center[:, dim]
+        halves_lo, halves_hi = torch.cat([lo, right_lo]), torch.cat([left_hi, hi])
+        targets = torch.cat([dj, dj])
+        for first in range(0, 2 * count, batch):
+            part = slice(first, first + batch)
+            result = compute_bounds(
+                problem.net,
+                halves_lo[part],
+                halves_hi[part],
+                problem.coefficients[targets[part]],
+                _INPUT_SPLIT_METHOD,
+                steps=_INPUT_SPLIT_STEPS,
+                upper_bound=False,
+                intermediate_pass=_INPUT_SPLIT_PASS,
+            )
+            scores.append(_row_scores(problem, result.lower, targets[part]))
+            problem.check_time()
+    halves = torch.cat(scores).reshape(inputs, 2, count)
+    # A dimension competes only while it is within four halvings of the box's widest (relative
+    # to the region): otherwise a split that helps the bound a little every time would halve
+    # one dimension forever and leave the others whole.
+    relative = ((hi - lo) / (problem.proof_upper - problem.proof_lower).clamp_min(1e-300)).T
+    narrow = relative < relative.amax(0, keepdim=True) / 16
+    choice = halves.amin(1).masked_fill(narrow, -math.inf).argmax(0)
+    index = torch.arange(count)
+    return choice, halves[choice, 0, index], halves[choice, 1, index]
 
 
 def _split_tensors(net: PreparedNetwork, decisions: list[Tensor]) -> list:
@@ -522,6 +584,21 @@ def verify(
         ) from error
     _check_spec(spec, net)
     run_dtype = next((p.dtype for p in network.parameters()), torch.float32)
+
+    # A network with few inputs has layers too narrow for several threads to share: their
+    # hand-offs cost more than the work, and on a busy machine a thread that waits for a
+    # descheduled partner stalls every operation (ACAS Xu: one property took 0.9 s on one
+    # thread and 8 s on two under a load of two). The caller's setting comes back at the end.
+    threads = torch.get_num_threads()
+    if net.inputs <= _INPUT_SPLIT_MAX_INPUTS:
+        torch.set_num_threads(1)
+    try:
+        return _verify(network, net, spec, method, run_dtype, start, timeout, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _verify(network, net, spec, method, run_dtype, start, timeout, seed) -> VerifyResult:
     generator = torch.Generator().manual_seed(seed)
     details: dict = {"method": method}
     deadline = start + timeout
