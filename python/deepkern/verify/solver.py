@@ -82,6 +82,7 @@ _INPUT_SPLIT_STEPS = 0
 # Input splitting bounds both halves along every dimension before it chooses one (ACAS Xu 1_2
 # property 1: 99 boxes instead of 355); the flag lets tests compare the two choices.
 _LOOK_AHEAD = True
+_NARROW_GAIN = 2.0
 
 
 @dataclass
@@ -334,7 +335,7 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             raise _Unknown
 
         if _LOOK_AHEAD:
-            choice, left_score, right_score = _look_ahead(problem, lo, hi, dj, batch)
+            choice, left_score, right_score = _look_ahead(problem, lo, hi, dj, score, batch)
             left_score = torch.maximum(left_score, score)
             right_score = torch.maximum(right_score, score)
         else:
@@ -368,7 +369,7 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
     return proven
 
 
-def _look_ahead(problem, lo, hi, dj, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+def _look_ahead(problem, lo, hi, dj, parent, batch: int) -> tuple[Tensor, Tensor, Tensor]:
     """Bounds both halves of every box [N, n] along every dimension and picks, per box, the
     dimension whose worse half has the best bound. Returns (dimension [N], the left and the
     right half's score [N]); the search keeps the halves' bounds, so none is computed twice.
@@ -404,9 +405,18 @@ def _look_ahead(problem, lo, hi, dj, batch: int) -> tuple[Tensor, Tensor, Tensor
     # A dimension competes only while it is within four halvings of the box's widest (relative
     # to the region): otherwise a split that helps the bound a little every time would halve
     # one dimension forever and leave the others whole.
+    # A narrow dimension still wins when its split gains at least twice what the best of the
+    # others gains and closes at least half of the box's deficit: some properties are decided
+    # along one input alone and need long thin boxes, while small steady gains along one
+    # dimension must not starve the others.
     relative = ((hi - lo) / (problem.proof_upper - problem.proof_lower).clamp_min(1e-300)).T
     narrow = relative < relative.amax(0, keepdim=True) / 16
-    choice = halves.amin(1).masked_fill(narrow, -math.inf).argmax(0)
+    gain = halves.amin(1) - parent.unsqueeze(0)
+    best_wide = gain.masked_fill(narrow, -math.inf).amax(0, keepdim=True)
+    outshines = (gain > _NARROW_GAIN * best_wide.clamp_min(0)) & (
+        gain > 0.5 * parent.abs().unsqueeze(0)
+    )
+    choice = gain.masked_fill(narrow & ~outshines, -math.inf).argmax(0)
     index = torch.arange(count)
     return choice, halves[choice, 0, index], halves[choice, 1, index]
 
