@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -33,10 +34,13 @@ enum Status : int {
   kActNotFinite = 32,
 };
 
-// Bisection steps for the tangent point of a line through an end of an interval. The bracket
-// starts at most about 1400 wide (see tangent_bracket_end) and usually below 30; 48 halvings
-// leave it under 1e-13 wide, where the slope it yields is exact to double rounding.
+// Steps for the tangent point of a line through an end of an interval. The bracket starts at
+// most about 1400 wide (see tangent_bracket_end) and usually below 30; 48 halvings leave it
+// under 1e-13 wide, where the slope it yields is exact to double rounding. Newton steps inside
+// the bracket usually close it to kTangentTolerance in about ten steps; a step that would leave
+// the bracket halves it instead, so the step count never exceeds that of plain bisection.
 constexpr int kBisectionSteps = 48;
+constexpr double kTangentTolerance = 1e-12;
 
 // The outward margin of the smooth relaxations, in units of the output dtype's epsilon times
 // the size of the numbers summed in a line (about 1 for sigmoid and tanh). It covers the
@@ -93,21 +97,39 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE bool finite(T x) {
   return x - x == T(0);
 }
 
-// The nearest T at or above (round_up) or at or below (round_down) x.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float bits_float(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// The nearest T at or above (round_up) or at or below (round_down) x. A float that rounded
+// below x moves up by one ulp through its bit pattern: the pattern of a positive float grows
+// with it and that of a negative one shrinks, and above either zero lies the smallest
+// subnormal. Selects instead of calls, so that a loop over neurons vectorises.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T round_up(double x) {
   if constexpr (std::is_same_v<T, double>) {
     return x;
   } else {
-    float y = static_cast<float>(x);
-    if (static_cast<double>(y) < x) {
-#ifdef __CUDA_ARCH__
-      y = ::nextafterf(y, INFINITY);
-#else
-      y = std::nextafter(y, std::numeric_limits<float>::infinity());
-#endif
-    }
-    return y;
+    const float y = static_cast<float>(x);
+    const uint32_t bits = float_bits(y);
+    const uint32_t next_bits = y > 0 ? bits + 1u : (y < 0 ? bits - 1u : 1u);
+    return static_cast<double>(y) < x ? bits_float(next_bits) : y;
   }
 }
 
@@ -163,9 +185,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double peak_slope(int64_t kind) {
 //   g'(x) = h(x) / (x - l)^2,  h(x) = act'(x) (x - l) - (act(x) - act(l)),
 // and h > 0 on (l, 0] (convexity), h' = act''(x) (x - l) < 0 on (0, inf) and h -> -(sup act -
 // act(l)) < 0, h has one root d > 0 and g peaks there with g(d) = act'(d). So the slope is
-// act'(min(d, u)) when d < u and the chord slope g(u) otherwise. Bisection keeps a point a with
-// h(a) > 0, so a <= d, and returns act'(a) >= act'(d) (act' decreases on [0, inf)): the line
-// stays above the activation even where the bisection is cut short, and act'(0) = peak, the
+// act'(min(d, u)) when d < u and the chord slope g(u) otherwise. The search for d keeps a point a
+// with h(a) > 0, so a <= d, and returns act'(a) >= act'(d) (act' decreases on [0, inf)): the
+// line stays above the activation even where the search is cut short, and act'(0) = peak, the
 // starting point, is sound on its own.
 
 // A line above the activation on [l, u] written through its left end: value + slope (x - l).
@@ -178,6 +200,59 @@ struct PivotLine {
 C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_gap(int64_t kind, double x, double l,
                                                      double act_l) {
   return activation_slope(kind, x) * (x - l) - (activation(kind, x) - act_l);
+}
+
+// h and h' = act''(x) (x - l) at x >= 0 from one exponential: with e = exp(-x), sigmoid(x) =
+// 1 / (1 + e), sigmoid' = e / (1 + e)^2 and sigmoid'' = -sigmoid' (1 - e) / (1 + e); with
+// e = exp(-2x), tanh(x) = (1 - e) / (1 + e), tanh' = 4e / (1 + e)^2 and tanh'' = -2 tanh tanh'.
+struct GapAt {
+  double gap;
+  double gap_slope;
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE GapAt tangent_gap_at(int64_t kind, double x, double l,
+                                                       double act_l) {
+  const double e = vk_exp(kind == kSigmoid ? -x : -2.0 * x);
+  const double p = 1.0 + e;
+  double act, slope, curvature;
+  if (kind == kSigmoid) {
+    act = 1.0 / p;
+    slope = e / (p * p);
+    curvature = -slope * (1.0 - e) / p;
+  } else {
+    act = (1.0 - e) / p;
+    slope = 4.0 * e / (p * p);
+    curvature = -2.0 * act * slope;
+  }
+  return {slope * (x - l) - (act - act_l), curvature * (x - l)};
+}
+
+// The tangent point of the crossing case, from below: the largest point found with h > 0, for
+// l < 0 and 0 < right with h(right) < 0. Safeguarded Newton: the bracket (below, above) keeps
+// h(below) > 0 >= h(above); a Newton step that leaves it, or has no slope to follow, halves it
+// instead. Once Newton's steps shrink below the tolerance, the next point steps over the root
+// by the tolerance, so that the bracket closes from both sides.
+C10_HOST_DEVICE inline double tangent_point(int64_t kind, double l, double act_l, double right) {
+  double below = 0.0;  // h(0) > 0 by convexity on (l, 0]
+  double above = right;
+  // About where the tangent touches when act(l) is near its infimum: act'(x) (x - l) ~ 1.
+  const double guess = kind == kSigmoid ? vk_log1p(-l) : 0.5 * vk_log1p(-2.0 * l);
+  double x = guess < right / 2 ? guess : right / 2;
+  for (int step = 0; step < kBisectionSteps; ++step) {
+    const GapAt at = tangent_gap_at(kind, x, l, act_l);
+    if (at.gap > 0) {
+      below = x;
+    } else {
+      above = x;
+    }
+    const double tolerance = kTangentTolerance * (1.0 + below);
+    if (above - below <= tolerance) break;
+    double next = x - at.gap / at.gap_slope;
+    if (vk_abs(next - x) <= tolerance) next += at.gap > 0 ? tolerance : -tolerance;
+    if (!(next > below && next < above)) next = below + (above - below) / 2;
+    x = next;
+  }
+  return below;
 }
 
 // A point where h < 0 for the interval's left end l < 0: for sigmoid, 3 + 2 log(1 - l). There
@@ -225,17 +300,7 @@ C10_HOST_DEVICE inline PivotLine smooth_upper_line(int64_t kind, double l, doubl
     const double act_u = activation(kind, u);
     return {chord_slope(l, u, act_l, act_u, 0.0, peak_slope(kind)), act_l};
   }
-  double below = 0.0;  // h(below) > 0 holds in exact arithmetic
-  double above = right;
-  for (int step = 0; step < kBisectionSteps; ++step) {
-    const double middle = below + (above - below) / 2;
-    if (tangent_gap(kind, middle, l, act_l) > 0) {
-      below = middle;
-    } else {
-      above = middle;
-    }
-  }
-  return {activation_slope(kind, below), act_l};
+  return {activation_slope(kind, tangent_point(kind, l, act_l, right)), act_l};
 }
 
 // Two lines in slope-bias form, rounded outward to T:
@@ -273,21 +338,40 @@ C10_HOST_DEVICE inline Lines<T> smooth_relaxation(int64_t kind, T lower, T upper
 
 // ReLU: exact lines for stable neurons; for unstable ones (l < 0 < u) the chord
 // u (x - l) / (u - l) above and alpha x below. The chord slope and bias round up, and float64
-// biases move up by a few ulps, so the chord stays above ReLU under rounding too.
+// biases move up by a few ulps, so the chord stays above ReLU under rounding too. The chord is
+// computed for every neuron and the stable ones select their exact lines over it, so that a
+// loop over neurons has no branches and vectorises (a stable neuron's chord may be NaN or
+// infinite; it is never selected).
 template <typename T>
-C10_HOST_DEVICE inline Lines<T> relu_relaxation(T lower, T upper, T alpha, bool has_alpha) {
-  if (lower >= 0) return {T(1), T(0), T(1), T(0)};
-  if (upper <= 0) return {T(0), T(0), T(0), T(0)};
+C10_HOST_DEVICE C10_ALWAYS_INLINE Lines<T> relu_relaxation(T lower, T upper, T alpha,
+                                                           bool has_alpha) {
   const double l = static_cast<double>(lower);
   const double u = static_cast<double>(upper);
-  const T slope = round_up<T>(u / (u - l));
-  const double bias = -static_cast<double>(slope) * l;
+  const T chord_slope = round_up<T>(u / (u - l));
+  const double bias = -static_cast<double>(chord_slope) * l;
   // In float64 the chord's value at u, slope * u + bias, may round below u by an ulp of u.
-  const double margin = std::is_same_v<T, double>
-                            ? kMarginEps * kDoubleEps * (bias + static_cast<double>(slope) * u)
-                            : 0.0;
-  const T lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
-  return {lower_slope, T(0), slope, round_up<T>(bias + margin)};
+  const double margin =
+      std::is_same_v<T, double>
+          ? kMarginEps * kDoubleEps * (bias + static_cast<double>(chord_slope) * u)
+          : 0.0;
+  const T chord_bias = round_up<T>(bias + margin);
+  const T unstable_lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
+
+  const bool active = lower >= 0;
+  const bool inactive = upper <= 0;
+  const T stable_slope = active ? T(1) : T(0);
+  const bool stable = active | inactive;
+  return {stable ? stable_slope : unstable_lower_slope, T(0), stable ? stable_slope : chord_slope,
+          stable ? T(0) : chord_bias};
+}
+
+// Whether one neuron's relaxation inputs pass every check of relaxation_status, without
+// branches; relaxation_status names what failed.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool relaxation_valid(T lower, T upper, T alpha, bool has_alpha) {
+  // Bitwise ands: every comparison is made, so none sits behind a branch.
+  const bool alpha_ok = !has_alpha || ((alpha >= T(0)) & (alpha <= T(1)));
+  return finite(lower) & finite(upper) & (lower <= upper) & alpha_ok;
 }
 
 // The checks of one neuron's relaxation inputs.
@@ -342,26 +426,13 @@ C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T lin
   const double a = static_cast<double>(linear);
   const double c = static_cast<double>(act);
 
-  double candidates[4] = {l, u, l, l};
-  int count = 2;
-  if (kind == kRelu) {
-    candidates[count++] = l < 0 && u > 0 ? 0.0 : l;
-  } else {
-    const double z0 = stationary_point(kind, a, c);
-    if (z0 >= 0) {
-      const double left = -z0 < l ? l : (-z0 > u ? u : -z0);
-      const double right = z0 < l ? l : (z0 > u ? u : z0);
-      candidates[count++] = left;
-      candidates[count++] = right;
-    }
-  }
-
-  double best_z = candidates[0];
-  double best_linear = a * best_z;
-  double best_act = c * activation(kind, best_z);
+  // The ends first. A candidate clamped onto an end would repeat that end's value and lose the
+  // tie, so only candidates strictly inside (l, u) are evaluated after them.
+  double best_z = l;
+  double best_linear = a * l;
+  double best_act = c * activation(kind, l);
   double best = best_linear + best_act;
-  for (int i = 1; i < count; ++i) {
-    const double z = candidates[i];
+  const auto consider = [&](double z) {
     const double lin = a * z;
     const double nonlin = c * activation(kind, z);
     if (lin + nonlin > best) {
@@ -369,6 +440,16 @@ C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T lin
       best_z = z;
       best_linear = lin;
       best_act = nonlin;
+    }
+  };
+  consider(u);
+  if (kind == kRelu) {
+    if (l < 0 && u > 0) consider(0.0);
+  } else {
+    const double z0 = stationary_point(kind, a, c);
+    if (z0 >= 0) {
+      if (-z0 > l && -z0 < u) consider(-z0);
+      if (z0 > l && z0 < u) consider(z0);
     }
   }
   const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
