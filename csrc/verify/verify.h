@@ -420,7 +420,43 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double stationary_point(int64_t kind, double a
 // The value rounds up, after a relative margin of a few double ulps for the double arithmetic:
 // it bounds the true maximum from above, as a dual bound needs.
 template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE DualMax<T> rounded_dual_max(T lower, T upper, double best_z,
+                                                              double best_linear, double best_act) {
+  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
+  T argmax = static_cast<T>(best_z);
+  argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
+  return {round_up<T>(best_linear + best_act + margin), argmax};
+}
+
+// ReLU: the ends, then the kink when l < 0 < u. Every candidate is evaluated and the winner
+// selected, with no branches, so that a loop over neurons vectorises.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE DualMax<T> relu_dual_max(T lower, T upper, T linear, T act) {
+  const double l = static_cast<double>(lower);
+  const double u = static_cast<double>(upper);
+  const double a = static_cast<double>(linear);
+  const double c = static_cast<double>(act);
+  const double linear_l = a * l;
+  const double act_l = c * (l > 0 ? l : 0.0);
+  const double linear_u = a * u;
+  const double act_u = c * (u > 0 ? u : 0.0);
+  const double linear_kink = a * 0.0;
+  const double act_kink = c * 0.0;
+
+  const bool take_u = linear_u + act_u > linear_l + act_l;
+  double best_z = take_u ? u : l;
+  double best_linear = take_u ? linear_u : linear_l;
+  double best_act = take_u ? act_u : act_l;
+  const bool take_kink = (l < 0) & (u > 0) & (linear_kink + act_kink > best_linear + best_act);
+  best_z = take_kink ? 0.0 : best_z;
+  best_linear = take_kink ? linear_kink : best_linear;
+  best_act = take_kink ? act_kink : best_act;
+  return rounded_dual_max<T>(lower, upper, best_z, best_linear, best_act);
+}
+
+template <typename T>
 C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T linear, T act) {
+  if (kind == kRelu) return relu_dual_max<T>(lower, upper, linear, act);
   const double l = static_cast<double>(lower);
   const double u = static_cast<double>(upper);
   const double a = static_cast<double>(linear);
@@ -443,19 +479,18 @@ C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T lin
     }
   };
   consider(u);
-  if (kind == kRelu) {
-    if (l < 0 && u > 0) consider(0.0);
-  } else {
-    const double z0 = stationary_point(kind, a, c);
-    if (z0 >= 0) {
-      if (-z0 > l && -z0 < u) consider(-z0);
-      if (z0 > l && z0 < u) consider(z0);
-    }
+  const double z0 = stationary_point(kind, a, c);
+  if (z0 >= 0) {
+    if (-z0 > l && -z0 < u) consider(-z0);
+    if (z0 > l && z0 < u) consider(z0);
   }
-  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
-  T argmax = static_cast<T>(best_z);
-  argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
-  return {round_up<T>(best + margin), argmax};
+  return rounded_dual_max<T>(lower, upper, best_z, best_linear, best_act);
+}
+
+// Whether one neuron's dual inputs pass every check of dual_status, without branches.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool dual_valid(T lower, T upper, T linear, T act) {
+  return relaxation_valid<T>(lower, upper, T(0), false) & finite(linear) & finite(act);
 }
 
 template <typename T>

@@ -68,6 +68,32 @@ int relaxation_range_status(int64_t begin, int64_t end, const T* lower, const T*
   return status;
 }
 
+// The ReLU dual maxima of neurons [begin, end) and whether all their inputs were valid, with no
+// branch per neuron, as relu_range.
+template <typename T>
+bool relu_dual_range(int64_t begin, int64_t end, const T* __restrict lower,
+                     const T* __restrict upper, const T* __restrict linear, const T* __restrict act,
+                     T* __restrict value, T* __restrict argmax) {
+  T invalid = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    invalid = dual_valid<T>(lower[i], upper[i], linear[i], act[i]) ? invalid : T(1);
+    const DualMax<T> best = relu_dual_max<T>(lower[i], upper[i], linear[i], act[i]);
+    value[i] = best.value;
+    argmax[i] = best.argmax;
+  }
+  return invalid == 0;
+}
+
+template <typename T>
+int dual_range_status(int64_t begin, int64_t end, const T* lower, const T* upper, const T* linear,
+                      const T* act) {
+  int status = kOk;
+  for (int64_t i = begin; i < end; ++i) {
+    status |= dual_status<T>(lower[i], upper[i], linear[i], act[i]);
+  }
+  return status;
+}
+
 }  // namespace
 
 TensorPair interval_linear_cpu(const at::Tensor& lower, const at::Tensor& upper,
@@ -183,6 +209,14 @@ TensorPair dual_activation_max_cpu(const at::Tensor& lower, const at::Tensor& up
     const scalar_t* c = in.act.const_data_ptr<scalar_t>();
     scalar_t* v = value.mutable_data_ptr<scalar_t>();
     scalar_t* z = argmax.mutable_data_ptr<scalar_t>();
+    if (kind == kRelu) {
+      status = parallel_status(in.lower.numel(), kCheapGrain, [&](int64_t begin, int64_t end) {
+        return relu_dual_range<scalar_t>(begin, end, lo, hi, a, c, v, z)
+                   ? kOk
+                   : dual_range_status<scalar_t>(begin, end, lo, hi, a, c);
+      });
+      return;
+    }
     status = parallel_status(in.lower.numel(), kDualGrain, [&](int64_t begin, int64_t end) {
       int local = kOk;
       for (int64_t i = begin; i < end; ++i) {
