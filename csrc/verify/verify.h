@@ -203,12 +203,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_gap(int64_t kind, double x, dou
   return activation_slope(kind, x) * (x - l) - (activation(kind, x) - act_l);
 }
 
-// h and h' = act''(x) (x - l) at x >= 0 from one exponential: with e = exp(-x), sigmoid(x) =
-// 1 / (1 + e), sigmoid' = e / (1 + e)^2 and sigmoid'' = -sigmoid' (1 - e) / (1 + e); with
-// e = exp(-2x), tanh(x) = (1 - e) / (1 + e), tanh' = 4e / (1 + e)^2 and tanh'' = -2 tanh tanh'.
+// h, h' = act''(x) (x - l) and act'(x) at x >= 0 from one exponential: with e = exp(-x),
+// sigmoid(x) = 1 / (1 + e), sigmoid' = e / (1 + e)^2 and sigmoid'' = -sigmoid' (1 - e) / (1 + e);
+// with e = exp(-2x), tanh(x) = (1 - e) / (1 + e), tanh' = 4e / (1 + e)^2 and tanh'' = -2 tanh
+// tanh'. The slope is computed exactly as activation_slope computes it.
 struct GapAt {
   double gap;
   double gap_slope;
+  double slope;
 };
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE GapAt tangent_gap_at(int64_t kind, double x, double l,
@@ -225,24 +227,29 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE GapAt tangent_gap_at(int64_t kind, double x, d
     slope = 4.0 * e / (p * p);
     curvature = -2.0 * act * slope;
   }
-  return {slope * (x - l) - (act - act_l), curvature * (x - l)};
+  return {slope * (x - l) - (act - act_l), curvature * (x - l), slope};
 }
 
-// The tangent point of the crossing case, from below: the largest point found with h > 0, for
-// l < 0 and 0 < right with h(right) < 0. Safeguarded Newton: the bracket (below, above) keeps
-// h(below) > 0 >= h(above); a Newton step that leaves it, or has no slope to follow, halves it
-// instead. Once Newton's steps shrink below the tolerance, the next point steps over the root
-// by the tolerance, so that the bracket closes from both sides.
-C10_HOST_DEVICE inline double tangent_point(int64_t kind, double l, double act_l, double right) {
+// The slope at the tangent point of the crossing case, approached from below: act' at the
+// largest point found with h > 0, for l < 0 and 0 < right <= end (tangent_bracket_end) with
+// h(right) < 0. Safeguarded Newton: the bracket (below, above) keeps h(below) > 0 >= h(above);
+// a Newton step that leaves it, or has no slope to follow, halves it instead. Once Newton's
+// steps shrink below the tolerance, the next point steps over the root by the tolerance, so
+// that the bracket closes from both sides.
+C10_HOST_DEVICE inline double tangent_slope(int64_t kind, double l, double act_l, double right,
+                                            double end) {
   double below = 0.0;  // h(0) > 0 by convexity on (l, 0]
+  double below_slope = peak_slope(kind);
   double above = right;
-  // About where the tangent touches when act(l) is near its infimum: act'(x) (x - l) ~ 1.
-  const double guess = kind == kSigmoid ? vk_log1p(-l) : 0.5 * vk_log1p(-2.0 * l);
-  double x = guess < right / 2 ? guess : right / 2;
+  // About where the tangent touches when act(l) is near its infimum, act'(x) (x - l) ~ 1:
+  // log(1 - l) for sigmoid, log(1 - 2l) / 2 for tanh, read off the bracket's end.
+  const double guess = kind == kSigmoid ? (end - 3.0) / 2 : (end - 1.5) / 2;
+  double x = guess > 0 && guess < right / 2 ? guess : right / 2;
   for (int step = 0; step < kBisectionSteps; ++step) {
     const GapAt at = tangent_gap_at(kind, x, l, act_l);
     if (at.gap > 0) {
       below = x;
+      below_slope = at.slope;
     } else {
       above = x;
     }
@@ -253,7 +260,7 @@ C10_HOST_DEVICE inline double tangent_point(int64_t kind, double l, double act_l
     if (!(next > below && next < above)) next = below + (above - below) / 2;
     x = next;
   }
-  return below;
+  return below_slope;
 }
 
 // A point where h < 0 for the interval's left end l < 0: for sigmoid, 3 + 2 log(1 - l). There
@@ -301,7 +308,7 @@ C10_HOST_DEVICE inline PivotLine smooth_upper_line(int64_t kind, double l, doubl
     const double act_u = activation(kind, u);
     return {chord_slope(l, u, act_l, act_u, 0.0, peak_slope(kind)), act_l};
   }
-  return {activation_slope(kind, tangent_point(kind, l, act_l, right)), act_l};
+  return {tangent_slope(kind, l, act_l, right, end), act_l};
 }
 
 // Two lines in slope-bias form, rounded outward to T:
