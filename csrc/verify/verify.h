@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -33,10 +34,14 @@ enum Status : int {
   kActNotFinite = 32,
 };
 
-// Bisection steps for the tangent point of a line through an end of an interval. The bracket
-// starts at most about 1400 wide (see tangent_bracket_end) and usually below 30; 48 halvings
-// leave it under 1e-13 wide, where the slope it yields is exact to double rounding.
+// Steps for the tangent point of a line through an end of an interval. The bracket starts at
+// most about 1400 wide (see tangent_bracket_end) and usually below 30; 48 halvings would leave
+// it under 1e-13 wide. Newton steps inside the bracket close it to kTangentTolerance (relative)
+// in six or seven evaluations on typical intervals, and a step that would leave the bracket
+// halves it instead; the search stops after kBisectionSteps evaluations in any case. A bracket
+// that narrow moves the slope by about 1e-12 of itself, far below the float32 margin.
 constexpr int kBisectionSteps = 48;
+constexpr double kTangentTolerance = 1e-12;
 
 // The outward margin of the smooth relaxations, in units of the output dtype's epsilon times
 // the size of the numbers summed in a line (about 1 for sigmoid and tanh). It covers the
@@ -93,21 +98,39 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE bool finite(T x) {
   return x - x == T(0);
 }
 
-// The nearest T at or above (round_up) or at or below (round_down) x.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint32_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float bits_float(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// The nearest T at or above (round_up) or at or below (round_down) x. A float that rounded
+// below x moves up by one ulp through its bit pattern: the pattern of a positive float grows
+// with it and that of a negative one shrinks, and above either zero lies the smallest
+// subnormal. Selects instead of calls, so that a loop over neurons vectorises.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T round_up(double x) {
   if constexpr (std::is_same_v<T, double>) {
     return x;
   } else {
-    float y = static_cast<float>(x);
-    if (static_cast<double>(y) < x) {
-#ifdef __CUDA_ARCH__
-      y = ::nextafterf(y, INFINITY);
-#else
-      y = std::nextafter(y, std::numeric_limits<float>::infinity());
-#endif
-    }
-    return y;
+    const float y = static_cast<float>(x);
+    const uint32_t bits = float_bits(y);
+    const uint32_t next_bits = y > 0 ? bits + 1u : (y < 0 ? bits - 1u : 1u);
+    return static_cast<double>(y) < x ? bits_float(next_bits) : y;
   }
 }
 
@@ -163,9 +186,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double peak_slope(int64_t kind) {
 //   g'(x) = h(x) / (x - l)^2,  h(x) = act'(x) (x - l) - (act(x) - act(l)),
 // and h > 0 on (l, 0] (convexity), h' = act''(x) (x - l) < 0 on (0, inf) and h -> -(sup act -
 // act(l)) < 0, h has one root d > 0 and g peaks there with g(d) = act'(d). So the slope is
-// act'(min(d, u)) when d < u and the chord slope g(u) otherwise. Bisection keeps a point a with
-// h(a) > 0, so a <= d, and returns act'(a) >= act'(d) (act' decreases on [0, inf)): the line
-// stays above the activation even where the bisection is cut short, and act'(0) = peak, the
+// act'(min(d, u)) when d < u and the chord slope g(u) otherwise. The search for d keeps a point a
+// with h(a) > 0, so a <= d, and returns act'(a) >= act'(d) (act' decreases on [0, inf)): the
+// line stays above the activation even where the search is cut short, and act'(0) = peak, the
 // starting point, is sound on its own.
 
 // A line above the activation on [l, u] written through its left end: value + slope (x - l).
@@ -178,6 +201,66 @@ struct PivotLine {
 C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_gap(int64_t kind, double x, double l,
                                                      double act_l) {
   return activation_slope(kind, x) * (x - l) - (activation(kind, x) - act_l);
+}
+
+// h, h' = act''(x) (x - l) and act'(x) at x >= 0 from one exponential: with e = exp(-x),
+// sigmoid(x) = 1 / (1 + e), sigmoid' = e / (1 + e)^2 and sigmoid'' = -sigmoid' (1 - e) / (1 + e);
+// with e = exp(-2x), tanh(x) = (1 - e) / (1 + e), tanh' = 4e / (1 + e)^2 and tanh'' = -2 tanh
+// tanh'. The slope is computed exactly as activation_slope computes it.
+struct GapAt {
+  double gap;
+  double gap_slope;
+  double slope;
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE GapAt tangent_gap_at(int64_t kind, double x, double l,
+                                                       double act_l) {
+  const double e = vk_exp(kind == kSigmoid ? -x : -2.0 * x);
+  const double p = 1.0 + e;
+  double act, slope, curvature;
+  if (kind == kSigmoid) {
+    act = 1.0 / p;
+    slope = e / (p * p);
+    curvature = -slope * (1.0 - e) / p;
+  } else {
+    act = (1.0 - e) / p;
+    slope = 4.0 * e / (p * p);
+    curvature = -2.0 * act * slope;
+  }
+  return {slope * (x - l) - (act - act_l), curvature * (x - l), slope};
+}
+
+// The slope at the tangent point of the crossing case, approached from below: act' at the
+// largest point found with h > 0, for l < 0 and 0 < right <= end (tangent_bracket_end) with
+// h(right) < 0. Safeguarded Newton: the bracket (below, above) keeps h(below) > 0 >= h(above);
+// a Newton step that leaves it, or has no slope to follow, halves it instead. Once Newton's
+// steps shrink below the tolerance, the next point steps over the root by the tolerance, so
+// that the bracket closes from both sides.
+C10_HOST_DEVICE inline double tangent_slope(int64_t kind, double l, double act_l, double right,
+                                            double end) {
+  double below = 0.0;  // h(0) > 0 by convexity on (l, 0]
+  double below_slope = peak_slope(kind);
+  double above = right;
+  // About where the tangent touches when act(l) is near its infimum, act'(x) (x - l) ~ 1:
+  // log(1 - l) for sigmoid, log(1 - 2l) / 2 for tanh, read off the bracket's end.
+  const double guess = kind == kSigmoid ? (end - 3.0) / 2 : (end - 1.5) / 2;
+  double x = guess > 0 && guess < right / 2 ? guess : right / 2;
+  for (int step = 0; step < kBisectionSteps; ++step) {
+    const GapAt at = tangent_gap_at(kind, x, l, act_l);
+    if (at.gap > 0) {
+      below = x;
+      below_slope = at.slope;
+    } else {
+      above = x;
+    }
+    const double tolerance = kTangentTolerance * (1.0 + below);
+    if (above - below <= tolerance) break;
+    double next = x - at.gap / at.gap_slope;
+    if (vk_abs(next - x) <= tolerance) next += at.gap > 0 ? tolerance : -tolerance;
+    if (!(next > below && next < above)) next = below + (above - below) / 2;
+    x = next;
+  }
+  return below_slope;
 }
 
 // A point where h < 0 for the interval's left end l < 0: for sigmoid, 3 + 2 log(1 - l). There
@@ -225,17 +308,7 @@ C10_HOST_DEVICE inline PivotLine smooth_upper_line(int64_t kind, double l, doubl
     const double act_u = activation(kind, u);
     return {chord_slope(l, u, act_l, act_u, 0.0, peak_slope(kind)), act_l};
   }
-  double below = 0.0;  // h(below) > 0 holds in exact arithmetic
-  double above = right;
-  for (int step = 0; step < kBisectionSteps; ++step) {
-    const double middle = below + (above - below) / 2;
-    if (tangent_gap(kind, middle, l, act_l) > 0) {
-      below = middle;
-    } else {
-      above = middle;
-    }
-  }
-  return {activation_slope(kind, below), act_l};
+  return {tangent_slope(kind, l, act_l, right, end), act_l};
 }
 
 // Two lines in slope-bias form, rounded outward to T:
@@ -273,21 +346,40 @@ C10_HOST_DEVICE inline Lines<T> smooth_relaxation(int64_t kind, T lower, T upper
 
 // ReLU: exact lines for stable neurons; for unstable ones (l < 0 < u) the chord
 // u (x - l) / (u - l) above and alpha x below. The chord slope and bias round up, and float64
-// biases move up by a few ulps, so the chord stays above ReLU under rounding too.
+// biases move up by a few ulps, so the chord stays above ReLU under rounding too. The chord is
+// computed for every neuron and the stable ones select their exact lines over it, so that a
+// loop over neurons has no branches and vectorises (a stable neuron's chord may be NaN or
+// infinite; it is never selected).
 template <typename T>
-C10_HOST_DEVICE inline Lines<T> relu_relaxation(T lower, T upper, T alpha, bool has_alpha) {
-  if (lower >= 0) return {T(1), T(0), T(1), T(0)};
-  if (upper <= 0) return {T(0), T(0), T(0), T(0)};
+C10_HOST_DEVICE C10_ALWAYS_INLINE Lines<T> relu_relaxation(T lower, T upper, T alpha,
+                                                           bool has_alpha) {
   const double l = static_cast<double>(lower);
   const double u = static_cast<double>(upper);
-  const T slope = round_up<T>(u / (u - l));
-  const double bias = -static_cast<double>(slope) * l;
+  const T chord_slope = round_up<T>(u / (u - l));
+  const double bias = -static_cast<double>(chord_slope) * l;
   // In float64 the chord's value at u, slope * u + bias, may round below u by an ulp of u.
-  const double margin = std::is_same_v<T, double>
-                            ? kMarginEps * kDoubleEps * (bias + static_cast<double>(slope) * u)
-                            : 0.0;
-  const T lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
-  return {lower_slope, T(0), slope, round_up<T>(bias + margin)};
+  const double margin =
+      std::is_same_v<T, double>
+          ? kMarginEps * kDoubleEps * (bias + static_cast<double>(chord_slope) * u)
+          : 0.0;
+  const T chord_bias = round_up<T>(bias + margin);
+  const T unstable_lower_slope = has_alpha ? alpha : T(upper > -lower ? 1 : 0);
+
+  const bool active = lower >= 0;
+  const bool inactive = upper <= 0;
+  const T stable_slope = active ? T(1) : T(0);
+  const bool stable = active | inactive;
+  return {stable ? stable_slope : unstable_lower_slope, T(0), stable ? stable_slope : chord_slope,
+          stable ? T(0) : chord_bias};
+}
+
+// Whether one neuron's relaxation inputs pass every check of relaxation_status, without
+// branches; relaxation_status names what failed.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool relaxation_valid(T lower, T upper, T alpha, bool has_alpha) {
+  // Bitwise ands: every comparison is made, so none sits behind a branch.
+  const bool alpha_ok = !has_alpha || ((alpha >= T(0)) & (alpha <= T(1)));
+  return finite(lower) & finite(upper) & (lower <= upper) & alpha_ok;
 }
 
 // The checks of one neuron's relaxation inputs.
@@ -336,32 +428,55 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double stationary_point(int64_t kind, double a
 // The value rounds up, after a relative margin of a few double ulps for the double arithmetic:
 // it bounds the true maximum from above, as a dual bound needs.
 template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE DualMax<T> rounded_dual_max(T lower, T upper, double best_z,
+                                                              double best_linear, double best_act) {
+  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
+  T argmax = static_cast<T>(best_z);
+  argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
+  return {round_up<T>(best_linear + best_act + margin), argmax};
+}
+
+// ReLU: the ends, then the kink when l < 0 < u. Every candidate is evaluated and the winner
+// selected, with no branches, so that a loop over neurons vectorises.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE DualMax<T> relu_dual_max(T lower, T upper, T linear, T act) {
+  const double l = static_cast<double>(lower);
+  const double u = static_cast<double>(upper);
+  const double a = static_cast<double>(linear);
+  const double c = static_cast<double>(act);
+  const double linear_l = a * l;
+  const double act_l = c * (l > 0 ? l : 0.0);
+  const double linear_u = a * u;
+  const double act_u = c * (u > 0 ? u : 0.0);
+  const double linear_kink = a * 0.0;
+  const double act_kink = c * 0.0;
+
+  const bool take_u = linear_u + act_u > linear_l + act_l;
+  double best_z = take_u ? u : l;
+  double best_linear = take_u ? linear_u : linear_l;
+  double best_act = take_u ? act_u : act_l;
+  const bool take_kink = (l < 0) & (u > 0) & (linear_kink + act_kink > best_linear + best_act);
+  best_z = take_kink ? 0.0 : best_z;
+  best_linear = take_kink ? linear_kink : best_linear;
+  best_act = take_kink ? act_kink : best_act;
+  return rounded_dual_max<T>(lower, upper, best_z, best_linear, best_act);
+}
+
+template <typename T>
 C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T linear, T act) {
+  if (kind == kRelu) return relu_dual_max<T>(lower, upper, linear, act);
   const double l = static_cast<double>(lower);
   const double u = static_cast<double>(upper);
   const double a = static_cast<double>(linear);
   const double c = static_cast<double>(act);
 
-  double candidates[4] = {l, u, l, l};
-  int count = 2;
-  if (kind == kRelu) {
-    candidates[count++] = l < 0 && u > 0 ? 0.0 : l;
-  } else {
-    const double z0 = stationary_point(kind, a, c);
-    if (z0 >= 0) {
-      const double left = -z0 < l ? l : (-z0 > u ? u : -z0);
-      const double right = z0 < l ? l : (z0 > u ? u : z0);
-      candidates[count++] = left;
-      candidates[count++] = right;
-    }
-  }
-
-  double best_z = candidates[0];
-  double best_linear = a * best_z;
-  double best_act = c * activation(kind, best_z);
+  // The ends first. A candidate clamped onto an end would repeat that end's value and lose the
+  // tie, so only candidates strictly inside (l, u) are evaluated after them.
+  double best_z = l;
+  double best_linear = a * l;
+  double best_act = c * activation(kind, l);
   double best = best_linear + best_act;
-  for (int i = 1; i < count; ++i) {
-    const double z = candidates[i];
+  const auto consider = [&](double z) {
     const double lin = a * z;
     const double nonlin = c * activation(kind, z);
     if (lin + nonlin > best) {
@@ -370,11 +485,20 @@ C10_HOST_DEVICE inline DualMax<T> dual_max(int64_t kind, T lower, T upper, T lin
       best_linear = lin;
       best_act = nonlin;
     }
+  };
+  consider(u);
+  const double z0 = stationary_point(kind, a, c);
+  if (z0 >= 0) {
+    if (-z0 > l && -z0 < u) consider(-z0);
+    if (z0 > l && z0 < u) consider(z0);
   }
-  const double margin = kMarginEps * kDoubleEps * (vk_abs(best_linear) + vk_abs(best_act));
-  T argmax = static_cast<T>(best_z);
-  argmax = argmax < lower ? lower : (argmax > upper ? upper : argmax);
-  return {round_up<T>(best + margin), argmax};
+  return rounded_dual_max<T>(lower, upper, best_z, best_linear, best_act);
+}
+
+// Whether one neuron's dual inputs pass every check of dual_status, without branches.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool dual_valid(T lower, T upper, T linear, T act) {
+  return relaxation_valid<T>(lower, upper, T(0), false) & finite(linear) & finite(act);
 }
 
 template <typename T>

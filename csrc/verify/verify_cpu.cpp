@@ -21,8 +21,8 @@ constexpr char kIntervalName[] = "interval_linear";
 constexpr char kRelaxationName[] = "activation_relaxation";
 constexpr char kDualName[] = "dual_activation_max";
 
-// Neurons per task: a ReLU neuron or an interval entry costs a few nanoseconds, a sigmoid or
-// tanh relaxation a hundred exponentials (the bisections), a dual maximum a handful.
+// Neurons per task: a ReLU neuron or an interval entry costs a nanosecond or two, a sigmoid or
+// tanh relaxation a few dozen exponentials (the tangent searches), a dual maximum a handful.
 constexpr int64_t kCheapGrain = 16384;
 constexpr int64_t kSmoothGrain = 64;
 constexpr int64_t kDualGrain = 1024;
@@ -36,6 +36,62 @@ int parallel_status(int64_t n, int64_t grain, const Body& body) {
     if (local != kOk) status.fetch_or(local);
   });
   return status.load();
+}
+
+// The ReLU lines of neurons [begin, end) and whether all their inputs were valid. No branch
+// per neuron, so the loop vectorises: a bad neuron gets unused values and clears the flag.
+template <typename T, bool HasAlpha>
+bool relu_range(int64_t begin, int64_t end, const T* __restrict lower, const T* __restrict upper,
+                const T* __restrict alpha, T* __restrict lower_slope, T* __restrict lower_bias,
+                T* __restrict upper_slope, T* __restrict upper_bias) {
+  T invalid = 0;  // a flag in T itself: a select of T vectorises where a bool-to-int does not
+  for (int64_t i = begin; i < end; ++i) {
+    const T slope = HasAlpha ? alpha[i] : T(0);
+    invalid = relaxation_valid<T>(lower[i], upper[i], slope, HasAlpha) ? invalid : T(1);
+    const Lines<T> lines = relu_relaxation<T>(lower[i], upper[i], slope, HasAlpha);
+    lower_slope[i] = lines.lower_slope;
+    lower_bias[i] = lines.lower_bias;
+    upper_slope[i] = lines.upper_slope;
+    upper_bias[i] = lines.upper_bias;
+  }
+  return invalid == 0;
+}
+
+// The status bits of relaxation inputs [begin, end), read only once a range is known to be bad.
+template <typename T>
+int relaxation_range_status(int64_t begin, int64_t end, const T* lower, const T* upper,
+                            const T* alpha) {
+  int status = kOk;
+  for (int64_t i = begin; i < end; ++i) {
+    status |= relaxation_status<T>(lower[i], upper[i], alpha ? alpha + i : nullptr);
+  }
+  return status;
+}
+
+// The ReLU dual maxima of neurons [begin, end) and whether all their inputs were valid, with no
+// branch per neuron, as relu_range.
+template <typename T>
+bool relu_dual_range(int64_t begin, int64_t end, const T* __restrict lower,
+                     const T* __restrict upper, const T* __restrict linear, const T* __restrict act,
+                     T* __restrict value, T* __restrict argmax) {
+  T invalid = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    invalid = dual_valid<T>(lower[i], upper[i], linear[i], act[i]) ? invalid : T(1);
+    const DualMax<T> best = relu_dual_max<T>(lower[i], upper[i], linear[i], act[i]);
+    value[i] = best.value;
+    argmax[i] = best.argmax;
+  }
+  return invalid == 0;
+}
+
+template <typename T>
+int dual_range_status(int64_t begin, int64_t end, const T* lower, const T* upper, const T* linear,
+                      const T* act) {
+  int status = kOk;
+  for (int64_t i = begin; i < end; ++i) {
+    status |= dual_status<T>(lower[i], upper[i], linear[i], act[i]);
+  }
+  return status;
 }
 
 }  // namespace
@@ -55,12 +111,13 @@ TensorPair interval_linear_cpu(const at::Tensor& lower, const at::Tensor& upper,
     scalar_t* c = center.mutable_data_ptr<scalar_t>();
     scalar_t* r = radius.mutable_data_ptr<scalar_t>();
     status = parallel_status(in.lower.numel(), kCheapGrain, [&](int64_t begin, int64_t end) {
-      int local = kOk;
+      scalar_t invalid = 0;
       for (int64_t i = begin; i < end; ++i) {
-        local |= relaxation_status<scalar_t>(lo[i], hi[i], nullptr);
+        const bool valid = relaxation_valid<scalar_t>(lo[i], hi[i], scalar_t(0), false);
+        invalid = valid ? invalid : scalar_t(1);
         center_radius(lo[i], hi[i], c + i, r + i);
       }
-      return local;
+      return invalid == 0 ? kOk : relaxation_range_status<scalar_t>(begin, end, lo, hi, nullptr);
     });
   });
   raise_on_status(status, lower, upper);
@@ -108,17 +165,22 @@ TensorQuad activation_relaxation_cpu(const at::Tensor& lower, const at::Tensor& 
     scalar_t* lb = lower_bias.mutable_data_ptr<scalar_t>();
     scalar_t* us = upper_slope.mutable_data_ptr<scalar_t>();
     scalar_t* ub = upper_bias.mutable_data_ptr<scalar_t>();
-    const int64_t grain = kind == kRelu ? kCheapGrain : kSmoothGrain;
-    status = parallel_status(in.lower.numel(), grain, [&](int64_t begin, int64_t end) {
+    if (kind == kRelu) {
+      status = parallel_status(in.lower.numel(), kCheapGrain, [&](int64_t begin, int64_t end) {
+        const bool valid =
+            alpha ? relu_range<scalar_t, true>(begin, end, lo, hi, alpha, ls, lb, us, ub)
+                  : relu_range<scalar_t, false>(begin, end, lo, hi, alpha, ls, lb, us, ub);
+        return valid ? kOk : relaxation_range_status<scalar_t>(begin, end, lo, hi, alpha);
+      });
+      return;
+    }
+    status = parallel_status(in.lower.numel(), kSmoothGrain, [&](int64_t begin, int64_t end) {
       int local = kOk;
       for (int64_t i = begin; i < end; ++i) {
-        const int check = relaxation_status<scalar_t>(lo[i], hi[i], alpha ? alpha + i : nullptr);
+        const int check = relaxation_status<scalar_t>(lo[i], hi[i], nullptr);
         local |= check;
         if (check != kOk) continue;  // the call raises; nothing is computed from bad values
-        const Lines<scalar_t> lines =
-            kind == kRelu ? relu_relaxation<scalar_t>(lo[i], hi[i], alpha ? alpha[i] : scalar_t(0),
-                                                      alpha != nullptr)
-                          : smooth_relaxation<scalar_t>(kind, lo[i], hi[i]);
+        const Lines<scalar_t> lines = smooth_relaxation<scalar_t>(kind, lo[i], hi[i]);
         ls[i] = lines.lower_slope;
         lb[i] = lines.lower_bias;
         us[i] = lines.upper_slope;
@@ -147,6 +209,14 @@ TensorPair dual_activation_max_cpu(const at::Tensor& lower, const at::Tensor& up
     const scalar_t* c = in.act.const_data_ptr<scalar_t>();
     scalar_t* v = value.mutable_data_ptr<scalar_t>();
     scalar_t* z = argmax.mutable_data_ptr<scalar_t>();
+    if (kind == kRelu) {
+      status = parallel_status(in.lower.numel(), kCheapGrain, [&](int64_t begin, int64_t end) {
+        return relu_dual_range<scalar_t>(begin, end, lo, hi, a, c, v, z)
+                   ? kOk
+                   : dual_range_status<scalar_t>(begin, end, lo, hi, a, c);
+      });
+      return;
+    }
     status = parallel_status(in.lower.numel(), kDualGrain, [&](int64_t begin, int64_t end) {
       int local = kOk;
       for (int64_t i = begin; i < end; ++i) {

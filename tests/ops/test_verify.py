@@ -13,8 +13,9 @@ SMOOTH = ("sigmoid", "tanh")
 ACT = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 # Kernel against reference: both compute in float64, so float32 results agree to an ulp or two,
 # float64 ones to rounding. Smooth relaxations differ more where the tangent point is
-# ill-conditioned (the tangent gap is flat near a tangent point close to 0): there the two
-# bisections may decide a sign differently, and both slopes are sound.
+# ill-conditioned (the tangent gap is flat near a tangent point close to 0): there the kernel's
+# Newton search and the reference's bisection may decide a sign differently, and both slopes
+# are sound.
 TOLERANCE = {F32: dict(rtol=3e-7, atol=3e-7), F64: dict(rtol=1e-11, atol=1e-12)}
 SMOOTH_TOLERANCE = {F32: TOLERANCE[F32], F64: dict(rtol=1e-7, atol=1e-8)}
 
@@ -197,7 +198,8 @@ def test_relaxation_encloses_the_activation_on_grids(dtype, kind):
     # Intervals that matter in practice too: one-sided, across 0, tiny, huge, on the edges.
     extra = torch.tensor(
         [[-1e6, 1e6], [-1e-7, 1e-7], [-30.0, -29.0], [40.0, 41.0], [-1e-30, 5.0], [-5.0, 1e-30]]
-        + [[-1.0, 1.0], [0.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [1.0, 1.0 + 1e-6], [-700.0, 1.0]],
+        + [[-1.0, 1.0], [0.0, 0.0], [0.0, 2.0], [-2.0, 0.0], [1.0, 1.0 + 1e-6], [-700.0, 1.0]]
+        + [[-1e30, 1e30], [-1e15, 3.0], [-3.0, 1e15], [-1e-40, 1.0], [-1.0, 1e-40]],
         dtype=dtype,
     )
     lower, upper = torch.cat([lower, extra[:, 0]]), torch.cat([upper, extra[:, 1]])
@@ -236,6 +238,62 @@ def test_dual_value_bounds_the_grid_maximum(dtype, kind):
     step = (upper.double() - lower.double()) / (points - 1)
     resolution = step * (linear.double().abs() + act.double().abs()) + 1e-5
     assert (value.double() - grid_max <= resolution).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_chord_rounds_up_to_the_next_representable_value(dtype):
+    # Float32 results round up by one ulp where the float64 value falls between two floats:
+    # the chord's slope and bias are the smallest values of the dtype at or above their
+    # float64 values (float64 biases carry a margin of a few ulps on top).
+    lower, upper = _intervals(4000, dtype, seed=9)
+    extra = torch.tensor([[-1e-40, 1.0], [-1.0, 1e-40], [-3.0, 7.0], [-1e-30, 1e30]], dtype=dtype)
+    lower, upper = torch.cat([lower, extra[:, 0]]), torch.cat([upper, extra[:, 1]])
+    unstable = (lower < 0) & (upper > 0)
+    lower, upper = lower[unstable], upper[unstable]
+    _, _, slope, bias = verify.activation_relaxation(lower, upper, "relu")
+    exact_slope = upper.double() / (upper.double() - lower.double())
+    exact_bias = -slope.double() * lower.double()
+    assert (slope.double() >= exact_slope).all() and (bias.double() >= exact_bias).all()
+    if dtype == F32:
+        below = torch.nextafter(slope, torch.tensor(-float("inf")))
+        assert (below.double() < exact_slope).all()
+        below = torch.nextafter(bias, torch.tensor(-float("inf")))
+        assert (below.double() < exact_bias).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bad_value_deep_in_a_large_input_is_named(dtype):
+    # Past the first parallel range: the vectorised loops flag a range and name its bad entry.
+    n, index = 100_000, 77_777
+    lower = torch.linspace(-2, 1, n, dtype=dtype)
+    upper = lower + 1
+    linear, act = torch.ones(n, dtype=dtype), -torch.ones(n, dtype=dtype)
+    nan = float("nan")
+    cases = [
+        (f"lower must be finite.*nan.*flat index {index}", "lower", nan),
+        (f"upper must be finite.*inf.*flat index {index}", "upper", float("inf")),
+        (f"lower must not exceed upper.*flat index {index}", "lower", 5.0),
+    ]
+    for message, name, value in cases:
+        bad = {"lower": lower.clone(), "upper": upper.clone()}
+        bad[name][index] = value
+        with pytest.raises(RuntimeError, match=message):
+            verify.activation_relaxation(bad["lower"], bad["upper"], "relu")
+        with pytest.raises(RuntimeError, match=message):
+            verify.dual_activation_max(bad["lower"], bad["upper"], linear, act, "relu")
+        with pytest.raises(RuntimeError, match=message):
+            verify.interval_linear(
+                bad["lower"].view(1000, 100),
+                bad["upper"].view(1000, 100),
+                torch.ones(3, 100, dtype=dtype),
+            )
+    slope = torch.full((n,), 0.5, dtype=dtype)
+    slope[index] = 1.5
+    with pytest.raises(RuntimeError, match=f"relu_lower_slope must lie.*flat index {index}"):
+        verify.activation_relaxation(lower, upper, "relu", slope)
+    act[index] = nan
+    with pytest.raises(RuntimeError, match=f"act_coef must be finite.*flat index {index}"):
+        verify.dual_activation_max(lower, upper, linear, act, "relu")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ neurons of many boxes at once:
 
 - ``relaxation``: ``activation_relaxation`` for ReLU, sigmoid and tanh, on intervals of mixed
   signs (a third below 0, a third above, a third across it: the crossing ones need the tangent
-  bisections);
+  searches);
 - ``dual``: ``dual_activation_max`` per activation, with coefficients of every sign;
 - ``interval``: ``interval_linear`` of a batch of boxes through a dense layer (two GEMMs and two
   elementwise passes).

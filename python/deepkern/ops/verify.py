@@ -329,8 +329,9 @@ def activation_relaxation(
     - lower >= 0: the tangent at the midpoint above, the chord below;
     - lower < 0 < upper: above, the line through (lower, act(lower)) tangent to the curve at
       some d > 0 (the chord when d >= upper); below, the line through (upper, act(upper))
-      tangent at some d' < 0 (the chord when d' <= lower). The tangent points come from 48
-      bisection steps that keep the slope on the sound side.
+      tangent at some d' < 0 (the chord when d' <= lower). The tangent points come from a
+      safeguarded Newton search (bisection where a step would leave the bracket) that keeps
+      the slope on the sound side.
 
     Soundness under rounding: everything is computed in float64 and rounded outward once.
     Sigmoid and tanh lines are moved out by ``4 * eps(dtype) * (1 + |pivot value| +
