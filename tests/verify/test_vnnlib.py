@@ -179,6 +179,22 @@ def test_a_point_on_a_strict_boundary_is_no_counterexample(tmp_path):
     assert result.verdict != "sat", result.counterexample
 
 
+@pytest.mark.parametrize("outputs_condition", ["", "(assert (<= 0 1))\n"])
+def test_a_box_without_output_conditions_is_all_counterexamples(tmp_path, outputs_condition):
+    path = tmp_path / "box.vnnlib"
+    path.write_text(
+        "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+        "(assert (>= X_0 0))\n(assert (<= X_0 1))\n" + outputs_condition
+    )
+    spec = parse_vnnlib(str(path), 1, 1)
+    (disjunct,) = spec.regions[0].disjuncts
+    torch.testing.assert_close(disjunct.coefficients, _tensor([[0.0]]))
+    network = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    result = verify(network, spec, timeout=10)
+    assert result.verdict == "sat"
+    assert 0 <= result.counterexample[0].item() <= 1
+
+
 def test_equality_chains_and_scaled_inputs(tmp_path):
     body = (
         "(assert (<= -1 X_0 1))\n(assert (<= (* 3 X_1) 1))\n(assert (>= (* 2 X_1) -1))\n"
@@ -219,7 +235,10 @@ def test_and_of_ors_multiplies_out(tmp_path):
 def test_no_output_constraint_and_constant_atoms(tmp_path):
     (region,) = _parse(tmp_path, BOX + "(assert (<= 1 2))\n").regions
     (disjunct,) = region.disjuncts
-    assert disjunct.coefficients.shape == (0, 2) and disjunct.bounds.shape == (0,)
+    # Nothing asked of the outputs: the one row 0 y <= 0, met everywhere.
+    torch.testing.assert_close(
+        (disjunct.coefficients, disjunct.bounds), (_tensor([[0.0, 0.0]]), _tensor([0.0]))
+    )
     # A false constant comparison removes its case.
     body = BOX + "(assert (or (and (<= 2 1) (<= Y_0 0)) (<= Y_1 0)))\n"
     (region,) = _parse(tmp_path, body).regions

@@ -387,6 +387,10 @@ class _Reader:
             rows.append(row)
             bound = 0.0 - expression.constant
             bounds.append(np.nextafter(bound, -np.inf) if atom.strict else bound)
+        if not rows:
+            # No condition on the outputs: every input of the box is a counterexample, which
+            # the row 0 y <= 0 (always met) says in the form the solver reads.
+            rows, bounds = [np.zeros(outputs)], [0.0]
         coefficients = np.array(rows, dtype=np.float64).reshape(len(rows), outputs)
         return coefficients, np.array(bounds, dtype=np.float64)
 
