@@ -81,6 +81,9 @@ def test_missing_property_and_result_folder(tmp_path, capsys):
     result = str(tmp_path / "no" / "such" / "result.txt")
     assert main(["verify", network, spec, "--result", result]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # A folder where a file belongs is refused before anything runs.
+    assert main(["verify", network, spec, "--result", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_instance_list_that_does_not_exist(tmp_path, capsys):

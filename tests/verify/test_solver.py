@@ -88,6 +88,23 @@ def test_counterexample_hidden_in_a_tiny_corner():
     assert verify(network, safe, timeout=30).verdict == "unsat"
 
 
+def test_a_counterexample_that_only_float32_rounding_makes():
+    # y = 1 - relu(K (x0 - a)) - relu(K (a - x0)) reaches 1 at the float32 number x0 = a
+    # alone, and there only because float32 rounds K a to the stored bias; in exact
+    # arithmetic y(a) < 1. The search must judge points as the float32 network computes them.
+    a, k = float(torch.tensor(0.3141592)), 1e5
+    network = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():
+        network[0].weight.copy_(torch.tensor([[k, 0.0], [-k, 0.0]]))
+        network[0].bias.copy_(torch.tensor([-k * a, k * a]))
+        network[2].weight.copy_(torch.tensor([[-1.0, -1.0]]))
+        network[2].bias.copy_(torch.tensor([1.0]))
+    spec = _spec([0.0, 0.0], [1.0, 1.0], [([[-1.0]], [-1.0])])  # unsafe iff y >= 1
+    result = verify(network, spec, timeout=30, seed=0)
+    _check_counterexample(network, spec, result)
+    assert result.counterexample[0][0].item() == a
+
+
 def test_disjunctions_need_every_disjunct_cleared():
     network = _mlp((3, 12, 2), seed=2)
     lower, upper = [-1.0] * 3, [1.0] * 3

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 
+from deepkern.verify.solver import verify
 from deepkern.verify.vnnlib import VnnlibError, parse_vnnlib
 
 
@@ -146,9 +148,51 @@ def test_linear_output_terms(tmp_path):
     (region,) = _parse(tmp_path, body).regions
     torch.testing.assert_close(region.upper, _tensor([1.0, 0.25]))
     (disjunct,) = region.disjuncts
-    # Y_0 + 2 Y_1 - 3 - Y_1 + 0.5 <= 0 and 4 + Y_0 <= 0 (the strict > read as >=).
+    # Y_0 + 2 Y_1 - 3 - Y_1 + 0.5 <= 0 and 4 + Y_0 <= 0 (the strict > one double step inside).
     torch.testing.assert_close(disjunct.coefficients, _tensor([[1.0, 1.0], [1.0, 0.0]]))
     torch.testing.assert_close(disjunct.bounds, _tensor([2.5, -4.0]))
+
+
+def test_strict_comparisons_exclude_their_bound(tmp_path):
+    body = "(assert (> X_0 0))\n(assert (< X_0 1))\n(assert (<= 0 X_1 1))\n(assert (< Y_0 Y_1))\n"
+    (region,) = _parse(tmp_path, body).regions
+    assert region.lower[0].item() > 0 and region.upper[0].item() == math.nextafter(1.0, 0.0)
+    assert region.lower[1].item() == 0 and region.upper[1].item() == 1
+    (disjunct,) = region.disjuncts
+    # Y_0 - Y_1 < 0 is Y_0 - Y_1 <= the largest double below zero.
+    torch.testing.assert_close(disjunct.coefficients, _tensor([[1.0, -1.0]]))
+    assert disjunct.bounds.item() == -math.ulp(0.0)
+
+
+def test_a_point_on_a_strict_boundary_is_no_counterexample(tmp_path):
+    # y = x on [0, 1]: no input gives y < 0, though x = 0 gives y <= 0.
+    path = tmp_path / "strict.vnnlib"
+    path.write_text(
+        "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+        "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (< Y_0 0))\n"
+    )
+    network = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        network.weight.fill_(1.0)
+        network.bias.zero_()
+    result = verify(torch.nn.Sequential(network), parse_vnnlib(str(path), 1, 1), timeout=10)
+    assert result.verdict != "sat", result.counterexample
+
+
+@pytest.mark.parametrize("outputs_condition", ["", "(assert (<= 0 1))\n"])
+def test_a_box_without_output_conditions_is_all_counterexamples(tmp_path, outputs_condition):
+    path = tmp_path / "box.vnnlib"
+    path.write_text(
+        "(declare-const X_0 Real)\n(declare-const Y_0 Real)\n"
+        "(assert (>= X_0 0))\n(assert (<= X_0 1))\n" + outputs_condition
+    )
+    spec = parse_vnnlib(str(path), 1, 1)
+    (disjunct,) = spec.regions[0].disjuncts
+    torch.testing.assert_close(disjunct.coefficients, _tensor([[0.0]]))
+    network = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    result = verify(network, spec, timeout=10)
+    assert result.verdict == "sat"
+    assert 0 <= result.counterexample[0].item() <= 1
 
 
 def test_equality_chains_and_scaled_inputs(tmp_path):
@@ -191,7 +235,10 @@ def test_and_of_ors_multiplies_out(tmp_path):
 def test_no_output_constraint_and_constant_atoms(tmp_path):
     (region,) = _parse(tmp_path, BOX + "(assert (<= 1 2))\n").regions
     (disjunct,) = region.disjuncts
-    assert disjunct.coefficients.shape == (0, 2) and disjunct.bounds.shape == (0,)
+    # Nothing asked of the outputs: the one row 0 y <= 0, met everywhere.
+    torch.testing.assert_close(
+        (disjunct.coefficients, disjunct.bounds), (_tensor([[0.0, 0.0]]), _tensor([0.0]))
+    )
     # A false constant comparison removes its case.
     body = BOX + "(assert (or (and (<= 2 1) (<= Y_0 0)) (<= Y_1 0)))\n"
     (region,) = _parse(tmp_path, body).regions

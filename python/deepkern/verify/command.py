@@ -119,6 +119,9 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def _check_writable(option: str, path: str | None) -> None:
+    # Checked before any instance runs: a list can take hours, and its table comes last.
+    if path and os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a folder; give the name of a file")
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise ValueError(f"{option} {path}: the folder {os.path.dirname(path)} does not exist")
 

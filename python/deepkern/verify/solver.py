@@ -5,9 +5,11 @@ into one of the region's disjuncts (``C y <= d``, every row). It returns ``"sat"
 counterexample, ``"unsat"`` when no such input exists, or ``"timeout"``.
 
 Search. A falsifier samples the box and runs projected gradient descent (signed steps, many
-restarts at once) on each disjunct's margin ``max over rows of (C y - d)``; a point with a
-margin at or below zero is a counterexample. Every counterexample is confirmed by running the
-network as it is (float32 for a float32 network) on the point before it is reported.
+restarts at once) on each disjunct's margin ``max over rows of (C y - d)``. Its points are
+rounded to numbers the network can receive (float32 for a float32 network), and each is judged
+by running the network as it is: its rounding can meet a threshold that exact arithmetic
+misses, so a point is a counterexample when the network's own outputs have a margin at or
+below zero.
 
 Proof. A box is cleared for a disjunct when some row's lower bound of ``C y`` exceeds its ``d``
 (by a slack of 1e-9 (1 + |d|)); a region is cleared when every disjunct is. A child's bound is
@@ -208,11 +210,10 @@ class _Problem:
         c, d = self.coefficients[disjunct], self.thresholds[disjunct]
         return ((c @ y.unsqueeze(-1)).squeeze(-1) - d).amax(-1)
 
-    def confirm(self, x: Tensor, disjunct: Tensor) -> None:
-        """Raises _Counterexample for the first candidate that the network as it runs confirms."""
-        if x.shape[0] == 0:
-            return
-        point = x.to(self.run_dtype)
+    def representable(self, x: Tensor) -> Tensor:
+        """The points [N, n] rounded to numbers the network can receive (its own dtype), moved
+        one step back into the region where rounding left it; float64."""
+        point = x.detach().to(self.run_dtype)
         wide = point.to(torch.float64)
         point = torch.where(
             wide < self.lower, torch.nextafter(point, torch.full_like(point, math.inf)), point
@@ -221,7 +222,14 @@ class _Problem:
         point = torch.where(
             wide > self.upper, torch.nextafter(point, torch.full_like(point, -math.inf)), point
         )
-        wide = point.to(torch.float64)
+        return point.to(torch.float64)
+
+    def confirm(self, x: Tensor, disjunct: Tensor) -> None:
+        """Raises _Counterexample for the first candidate that the network as it runs confirms."""
+        if x.shape[0] == 0:
+            return
+        wide = self.representable(x)
+        point = wide.to(self.run_dtype)
         inside = ((wide >= self.lower) & (wide <= self.upper)).all(-1)
         with torch.no_grad():
             shaped = point.reshape(-1, *self.net.input_shape)
@@ -251,11 +259,13 @@ class _Problem:
         target = disjunct.repeat_interleave(restarts, 0)
         width = (box_hi - box_lo).clamp_min(0)
         for step in range(steps + 1):
-            x = x.detach().requires_grad_(True)
+            # The points are judged as the network receives them: a counterexample may be one
+            # float32 number that no float64 step lands on.
+            x = self.representable(x).requires_grad_(True)
             score = self.violation(self.net.forward(x), target)
-            candidates = score.detach() <= 0
-            if bool(candidates.any()):
-                self.confirm(x.detach()[candidates], target[candidates])
+            # Judged by the network as it runs, not by the float64 forward: its rounding can
+            # meet a threshold that exact arithmetic misses.
+            self.confirm(x.detach(), target)
             if step == steps:
                 break
             (gradient,) = torch.autograd.grad(score.sum(), x)
@@ -319,12 +329,8 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
         a_best = a[torch.arange(a.shape[0]), best_row]
         corner = torch.where(a_best > 0, lo, hi)
         center = (lo + hi) / 2
-        candidates = torch.cat([corner, center])
-        targets = torch.cat([dj, dj])
-        y = net.forward(candidates)
-        hits = problem.violation(y, targets) <= 0
-        if bool(hits.any()):
-            problem.confirm(candidates[hits], targets[hits])
+        candidates = problem.representable(torch.cat([corner, center]))
+        problem.confirm(candidates, torch.cat([dj, dj]))
 
         # Boxes too thin to split further in float64 cannot be decided here.
         width = hi - lo

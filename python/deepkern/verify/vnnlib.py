@@ -8,9 +8,10 @@ constant multiples ``(* c Y_j)``. The formula is brought into disjunctive normal
 conjunction gives an input box (every input needs a lower and an upper bound there) and linear
 output rows ``C y <= d``. Conjunctions with the same box share a region.
 
-Strict comparisons are read as non-strict: the set of counterexamples can only grow by its
-boundary, so a proof that none exists stays a proof. Input bounds that need a division are
-rounded outward for the same reason.
+A strict comparison moves its bound by one float64 step to the side it excludes: inputs and
+outputs are floating-point numbers, so ``y < d`` is ``y <= d'`` for the double ``d'`` just below
+``d``, and a counterexample on the boundary itself is never reported. Input bounds that need a
+division are rounded outward, so that a proof that no counterexample exists stays a proof.
 """
 
 from __future__ import annotations
@@ -70,10 +71,12 @@ class _Linear:
 
 @dataclass(frozen=True)
 class _Atom:
-    """The constraint ``expression <= 0``, from the comparison on ``line``."""
+    """The constraint ``expression <= 0`` (``< 0`` when ``strict``), from the comparison on
+    ``line``."""
 
     expression: _Linear
     line: int
+    strict: bool = False
 
 
 def parse_vnnlib(path: str, inputs: int, outputs: int) -> Specification:
@@ -251,11 +254,12 @@ class _Reader:
         terms = [self._term(argument) for argument in arguments]
         atoms = []
         # SMT-LIB chains comparisons: (<= a b c) is a <= b and b <= c.
+        strict = operator in ("<", ">")
         for left, right in zip(terms, terms[1:]):
             if operator in ("<=", "<", "="):
-                atoms.append(_Atom(left.plus(right.scaled(-1.0)), line))
+                atoms.append(_Atom(left.plus(right.scaled(-1.0)), line, strict))
             if operator in (">=", ">", "="):
-                atoms.append(_Atom(right.plus(left.scaled(-1.0)), line))
+                atoms.append(_Atom(right.plus(left.scaled(-1.0)), line, strict))
         return atoms
 
     def _term(self, expression) -> _Linear:
@@ -338,13 +342,21 @@ class _Reader:
 
             # coefficient * x + constant <= 0 bounds x by -constant / coefficient.
             # (Adding 0.0 turns -0.0 into 0.0.)
+            # A strict bound excludes its own value; one that needs a division is rounded
+            # outward instead (no float32 input lies within a double's step of such a bound).
             bound = -atom.expression.constant / coefficient + 0.0
             exact = abs(coefficient) == 1.0
             if coefficient > 0:
-                bound = bound if exact else np.nextafter(bound, np.inf)
+                if exact and atom.strict:
+                    bound = np.nextafter(bound, -np.inf)
+                elif not exact:
+                    bound = np.nextafter(bound, np.inf)
                 upper[index] = min(upper[index], bound)
             else:
-                bound = bound if exact else np.nextafter(bound, -np.inf)
+                if exact and atom.strict:
+                    bound = np.nextafter(bound, np.inf)
+                elif not exact:
+                    bound = np.nextafter(bound, -np.inf)
                 lower[index] = max(lower[index], bound)
 
         line = conjunction[0].line if conjunction else self.last_line
@@ -364,7 +376,7 @@ class _Reader:
             expression = atom.expression
             kinds = {kind for kind, _ in expression.coefficients}
             if not kinds:
-                if expression.constant > 0:
+                if expression.constant > 0 or (atom.strict and expression.constant == 0):
                     return None
                 continue
             if kinds != {"Y"}:
@@ -373,7 +385,12 @@ class _Reader:
             for (_, index), coefficient in expression.coefficients.items():
                 row[index] = coefficient
             rows.append(row)
-            bounds.append(0.0 - expression.constant)
+            bound = 0.0 - expression.constant
+            bounds.append(np.nextafter(bound, -np.inf) if atom.strict else bound)
+        if not rows:
+            # No condition on the outputs: every input of the box is a counterexample, which
+            # the row 0 y <= 0 (always met) says in the form the solver reads.
+            rows, bounds = [np.zeros(outputs)], [0.0]
         coefficients = np.array(rows, dtype=np.float64).reshape(len(rows), outputs)
         return coefficients, np.array(bounds, dtype=np.float64)
 
