@@ -189,6 +189,29 @@ def test_gemm_alpha_beta_transposes_and_bias_shapes(tmp_path, trans_b, bias_shap
     assert _kinds(network) == ["Linear"]
 
 
+@pytest.mark.parametrize("first", ["Sub", "Gemm"])
+def test_shifts_that_cancel_in_float32_are_not_folded_together(tmp_path, first):
+    # In float32 (x - 1e7) + 1e7 and (x + 1e7) - 1e7 round x to an integer; one folded shift
+    # of 0 would give x itself, and a verifier would reason about a different network.
+    if first == "Sub":
+        step = helper.make_node("Sub", ["x", "c"], ["h"])
+        constants = [_tensor("c", np.array([1e7], dtype=np.float32))]
+    else:
+        step = helper.make_node("Gemm", ["x", "W", "c"], ["h"], transB=1)
+        constants = [
+            _tensor("W", np.eye(3, dtype=np.float32)),
+            _tensor("c", np.full(3, -1e7, dtype=np.float32)),
+        ]
+    nodes = [step, helper.make_node("Add", ["h", "d"], ["y"])]
+    constants.append(_tensor("d", np.array([1e7], dtype=np.float32)))
+    path = _save(tmp_path, nodes, [1, 3], constants)
+    network, _ = _assert_matches_reference(path, low=0.1, high=0.4)
+    assert len(network) == 2
+    with torch.no_grad():
+        out = network(torch.full((1, 3), 0.3))
+    assert torch.equal(out, torch.zeros(1, 3))
+
+
 def test_gemm_with_a_symbolic_batch_dimension(tmp_path):
     gemm = helper.make_node("Gemm", ["x", "B"], ["y"], transB=1)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])]
@@ -199,7 +222,7 @@ def test_gemm_with_a_symbolic_batch_dimension(tmp_path):
 
 def test_conv_with_padding_strides_dilations_groups_and_folded_batch_norm(tmp_path):
     nodes = [
-        helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 2, 1, 2], strides=[2, 1],
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 2, 1, 2], strides=[2, 1],
                          dilations=[1, 2], group=2),
         helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["n"], epsilon=1e-3),
         helper.make_node("Relu", ["n"], ["r"]),
@@ -208,7 +231,6 @@ def test_conv_with_padding_strides_dilations_groups_and_folded_batch_norm(tmp_pa
     ]  # fmt: skip
     constants = [
         _tensor("W", _random(4, 1, 3, 3)),
-        _tensor("B", _random(4)),
         _tensor("s", _random(4)),
         _tensor("o", _random(4)),
         _tensor("m", _random(4)),
@@ -241,7 +263,7 @@ def test_same_padding_and_batch_norm_without_a_layer_before(tmp_path):
     assert network[0].scale.shape == (2, 1, 1)
 
 
-def test_elementwise_constants_in_both_orders_merge_into_one_affine(tmp_path):
+def test_elementwise_constants_in_both_orders_merge_until_two_shifts_meet(tmp_path):
     nodes = [
         helper.make_node("Sub", ["x", "a"], ["t1"]),
         helper.make_node("Div", ["t1", "d"], ["t2"]),
@@ -259,7 +281,8 @@ def test_elementwise_constants_in_both_orders_merge_into_one_affine(tmp_path):
     ]
     path = _save(tmp_path, nodes, [1, 3, 4], constants)
     network, _ = _assert_matches_reference(path)
-    assert _kinds(network) == ["ElementwiseAffine", "Sigmoid", "Flatten"]
+    # Sub-Div, then c - t2 with Mul, then Add: scales fold, shifts each start a step.
+    assert _kinds(network) == ["ElementwiseAffine"] * 3 + ["Sigmoid", "Flatten"]
 
 
 def test_constant_nodes_and_constant_subgraphs_are_folded(tmp_path):

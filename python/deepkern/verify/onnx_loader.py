@@ -337,12 +337,20 @@ class _LayerList:
 
     def affine(self, scale: np.ndarray, shift: np.ndarray, sample: tuple[int, ...]) -> None:
         """Appends ``x * scale + shift`` (both broadcast against one sample), folded into the
-        layer before when that layer is affine and the result stays exact."""
+        layer before when that layer is affine.
+
+        Two constant shifts are never folded into one: in float32, ``(x - c) + c`` is not x
+        when c is large, and the sum of the shifts would hide that cancellation from the
+        rounding model of the bounds, which measures each layer's error by the magnitudes of
+        its own weights and shift."""
         scale = torch.tensor(np.asarray(scale, dtype=np.float64))
         shift = torch.tensor(np.asarray(shift, dtype=np.float64))
         if bool((scale == 1).all()) and bool((shift == 0).all()):
             return
         last = self.modules[-1] if self.modules else None
+        if last is not None and bool((shift != 0).any()) and _has_shift(last):
+            self.modules.append(ElementwiseAffine(scale, shift))
+            return
 
         if isinstance(last, ElementwiseAffine):
             last.shift = last.shift * scale + shift
@@ -362,6 +370,14 @@ class _LayerList:
                 last.bias.mul_(scale).add_(shift.reshape(-1).expand(channels))
             return
         self.modules.append(ElementwiseAffine(scale, shift))
+
+
+def _has_shift(module: nn.Module) -> bool:
+    if isinstance(module, ElementwiseAffine):
+        return bool((module.shift != 0).any())
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return module.bias is not None and bool((module.bias != 0).any())
+    return False
 
 
 def _per_channel(values: torch.Tensor) -> bool:
