@@ -223,6 +223,7 @@ def test_both_split_choices_match_the_exact_minimum_on_few_inputs(monkeypatch, l
     # Five inputs send the search to input splitting; a MIP gives the exact answer, and a
     # threshold either side of it must come out unsat and sat whichever way boxes are split.
     monkeypatch.setattr(solver, "_LOOK_AHEAD", look_ahead)
+    monkeypatch.setattr(solver, "_STAGED", False)
     network = _mlp((5, 8, 8, 3), seed=5)
     lower = torch.full((5,), -1.0, dtype=torch.float64)
     upper = torch.full((5,), 1.0, dtype=torch.float64)

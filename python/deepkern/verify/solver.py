@@ -84,6 +84,10 @@ _INPUT_SPLIT_STEPS = 0
 # Input splitting bounds both halves along every dimension before it chooses one (ACAS Xu 1_2
 # property 1: 99 boxes instead of 355); the flag lets tests compare the two choices.
 _LOOK_AHEAD = True
+# Input splitting tries the cheap split choice first, for at most this long (see
+# _staged_input_split).
+_STAGED = True
+_FIRST_STAGE_SECONDS = 10.0
 _NARROW_GAIN = 2.0
 
 
@@ -285,7 +289,7 @@ def _row_scores(problem: _Problem, lower_rows: Tensor, disjunct: Tensor) -> Tens
     return (lower_rows - problem.clear_at[disjunct]).amax(-1)
 
 
-def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
+def _input_split(problem: _Problem, disjuncts: Tensor, batch: int, look_ahead: bool) -> float:
     """Input-splitting branch and bound over all disjuncts; returns the proven bound."""
     net = problem.net
     count = disjuncts.shape[0]
@@ -340,7 +344,7 @@ def _input_split(problem: _Problem, disjuncts: Tensor, batch: int) -> float:
             problem.attack(lo[stuck], hi[stuck], dj[stuck], restarts=8, steps=20)
             raise _Unknown
 
-        if _LOOK_AHEAD:
+        if look_ahead:
             choice, left_score, right_score = _look_ahead(problem, lo, hi, dj, score, batch)
             left_score = torch.maximum(left_score, score)
             right_score = torch.maximum(right_score, score)
@@ -656,6 +660,26 @@ def _verify(network, net, spec, method, run_dtype, start, timeout, seed) -> Veri
     return finish("unsat")
 
 
+def _staged_input_split(problem: _Problem, disjuncts: Tensor) -> float:
+    """Input splitting, first with the cheap split choice for a quarter of the remaining time,
+    then with the look-ahead: neither choice wins on every property (some need the even
+    halving of the cheap rule, others long thin boxes that only the look-ahead finds)."""
+    if not (_LOOK_AHEAD and _STAGED):
+        return _input_split(problem, disjuncts, batch=2048, look_ahead=_LOOK_AHEAD)
+    deadline = problem.deadline
+    remaining = deadline - time.perf_counter()
+    problem.deadline = time.perf_counter() + min(_FIRST_STAGE_SECONDS, remaining / 4)
+    try:
+        return _input_split(problem, disjuncts, batch=2048, look_ahead=False)
+    except _Timeout:
+        problem.deadline = deadline
+        problem.check_time()
+        problem.details["first_stage_domains"] = problem.details.get("domains", 0)
+        return _input_split(problem, disjuncts, batch=2048, look_ahead=True)
+    finally:
+        problem.deadline = deadline
+
+
 def _prove(problem: _Problem, method: str) -> float:
     """Proves one region or raises; returns the proven bound."""
     net = problem.net
@@ -673,7 +697,7 @@ def _prove(problem: _Problem, method: str) -> float:
     has_relu = "relu" in net.activation_kinds
     if net.inputs <= _INPUT_SPLIT_MAX_INPUTS or not has_relu:
         problem.details["strategy"] = "input split"
-        found = _input_split(problem, open_disjuncts, batch=2048)
+        found = _staged_input_split(problem, open_disjuncts)
     else:
         problem.details["strategy"] = "relu split"
         # The dual bound takes the CROWN family's place inside the search (see _prove's caller).
