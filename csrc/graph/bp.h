@@ -15,36 +15,14 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/device_math.h"
+
 namespace deepkern::graph {
 
 enum BPMode : int64_t { kSumProduct = 0, kMaxProduct = 1 };
 
 // Per-thread state arrays live on the stack (registers or local memory on the GPU).
 constexpr int kMaxStates = 32;
-
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T bp_exp(T x) {
-#ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>)
-    return ::expf(x);
-  else
-    return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T bp_log(T x) {
-#ifdef __CUDA_ARCH__
-  if constexpr (std::is_same_v<T, float>)
-    return ::logf(x);
-  else
-    return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
 
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T bp_max(T a, T b) {
@@ -73,8 +51,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void normalise(int states, bool sum_product, T
   T shift = top;
   if (sum_product) {
     T total = T(0);
-    for (int b = 0; b < S; ++b) total += bp_exp(x[b] - top);
-    shift = top + bp_log(total);
+    for (int b = 0; b < S; ++b) total += math::exp(x[b] - top);
+    shift = top + math::log(total);
   }
   for (int b = 0; b < S; ++b) x[b] -= shift;
 }
@@ -96,11 +74,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void prepare_sum_edge(int states, const T* pai
   T top = col[0];
   for (int b = 1; b < S; ++b) top = bp_max(top, col[b]);
   for (int a = 0; a < S; ++a) {
-    for (int b = 0; b < S; ++b) kernel[a * S + b] = bp_exp(pair[a * S + b] - col[b]);
+    for (int b = 0; b < S; ++b) kernel[a * S + b] = math::exp(pair[a * S + b] - col[b]);
   }
   for (int b = 0; b < S; ++b) {
     shift[b] = col[b] - top;
-    scale[b] = bp_exp(shift[b]);
+    scale[b] = math::exp(shift[b]);
   }
 }
 
@@ -118,7 +96,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_product_message(int states, const T* 
   for (int a = 1; a < S; ++a) top = bp_max(top, cavity[a]);
   for (int b = 0; b < S; ++b) out[b] = T(0);
   for (int a = 0; a < S; ++a) {
-    const T w = bp_exp(cavity[a] - top);
+    const T w = math::exp(cavity[a] - top);
     for (int b = 0; b < S; ++b) out[b] += w * kernel[a * S + b];
   }
 
@@ -130,7 +108,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_product_message(int states, const T* 
   }
   if (smallest >= trusted_sum<T>()) {
     const T inverse = T(1) / total;
-    for (int b = 0; b < S; ++b) out[b] = bp_log(out[b] * inverse) + shift[b];
+    for (int b = 0; b < S; ++b) out[b] = math::log(out[b] * inverse) + shift[b];
     return;
   }
 
@@ -138,8 +116,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_product_message(int states, const T* 
     T peak = cavity[0] + pair[b];
     for (int a = 1; a < S; ++a) peak = bp_max(peak, cavity[a] + pair[a * S + b]);
     T sum = T(0);
-    for (int a = 0; a < S; ++a) sum += bp_exp(cavity[a] + pair[a * S + b] - peak);
-    out[b] = peak + bp_log(sum);
+    for (int a = 0; a < S; ++a) sum += math::exp(cavity[a] + pair[a * S + b] - peak);
+    out[b] = peak + math::log(sum);
   }
   normalise<T, kFixed>(states, true, out);
 }

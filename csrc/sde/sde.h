@@ -15,6 +15,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/device_math.h"
 #include "common/philox.h"
 
 namespace deepkern::sde {
@@ -48,11 +49,7 @@ struct Problem {
 // the sources are compiled without contraction, so the CPU tiers and the GPU round alike.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T fused(T a, T b, T c) {
-#ifdef __CUDA_ARCH__
-  return ::fma(a, b, c);
-#else
-  return std::fma(a, b, c);
-#endif
+  return math::fma(a, b, c);
 }
 
 // Constants of exp_minus_one for float and double: round-to-integer shifter, ln 2 in two parts,

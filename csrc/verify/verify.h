@@ -18,6 +18,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/device_math.h"
+
 namespace deepkern::verify {
 
 // The kind codes of the schemas; deepkern.ops.verify maps the names onto them.
@@ -49,46 +51,6 @@ constexpr double kTangentTolerance = 1e-12;
 // input dtype (a float32 sigmoid is within 2 ulps of the exact value).
 constexpr double kMarginEps = 4.0;
 constexpr double kDoubleEps = std::numeric_limits<double>::epsilon();
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_exp(double x) {
-#ifdef __CUDA_ARCH__
-  return ::exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_log1p(double x) {
-#ifdef __CUDA_ARCH__
-  return ::log1p(x);
-#else
-  return std::log1p(x);
-#endif
-}
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_log(double x) {
-#ifdef __CUDA_ARCH__
-  return ::log(x);
-#else
-  return std::log(x);
-#endif
-}
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_sqrt(double x) {
-#ifdef __CUDA_ARCH__
-  return ::sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
-C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_tanh(double x) {
-#ifdef __CUDA_ARCH__
-  return ::tanh(x);
-#else
-  return std::tanh(x);
-#endif
-}
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE double vk_abs(double x) { return x < 0 ? -x : x; }
 
@@ -144,8 +106,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T round_down(double x) {
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE double activation(int64_t kind, double x) {
   if (kind == kRelu) return x > 0 ? x : 0.0;
-  if (kind == kTanh) return vk_tanh(x);
-  const double e = vk_exp(-vk_abs(x));  // in (0, 1]: no overflow on either side
+  if (kind == kTanh) return math::tanh(x);
+  const double e = math::exp(-vk_abs(x));  // in (0, 1]: no overflow on either side
   return x >= 0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
 }
 
@@ -153,10 +115,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double activation(int64_t kind, double x) {
 C10_HOST_DEVICE C10_ALWAYS_INLINE double activation_slope(int64_t kind, double x) {
   if (kind == kRelu) return x > 0 ? 1.0 : 0.0;
   if (kind == kSigmoid) {
-    const double e = vk_exp(-vk_abs(x));
+    const double e = math::exp(-vk_abs(x));
     return e / ((1.0 + e) * (1.0 + e));
   }
-  const double e = vk_exp(-2.0 * vk_abs(x));
+  const double e = math::exp(-2.0 * vk_abs(x));
   return 4.0 * e / ((1.0 + e) * (1.0 + e));
 }
 
@@ -215,7 +177,7 @@ struct GapAt {
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE GapAt tangent_gap_at(int64_t kind, double x, double l,
                                                        double act_l) {
-  const double e = vk_exp(kind == kSigmoid ? -x : -2.0 * x);
+  const double e = math::exp(kind == kSigmoid ? -x : -2.0 * x);
   const double p = 1.0 + e;
   double act, slope, curvature;
   if (kind == kSigmoid) {
@@ -268,8 +230,8 @@ C10_HOST_DEVICE inline double tangent_slope(int64_t kind, double l, double act_l
 // act(l) >= sigmoid(3) - 1/2 > 0.45. Tanh is a scaled sigmoid, tanh(x) = 2 sigmoid(2x) - 1, so
 // its point is half the sigmoid's for 2l. In double it never passes 1422.
 C10_HOST_DEVICE C10_ALWAYS_INLINE double tangent_bracket_end(int64_t kind, double l) {
-  if (kind == kSigmoid) return 3.0 + 2.0 * vk_log1p(-l);
-  return 1.5 + vk_log1p(-2.0 * l);
+  if (kind == kSigmoid) return 3.0 + 2.0 * math::log1p(-l);
+  return 1.5 + math::log1p(-2.0 * l);
 }
 
 // The slope of the chord over [l, u], clamped to [lowest, highest], the range act' takes on
@@ -418,11 +380,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double stationary_point(int64_t kind, double a
   const double r = -a / c;
   if (!(r > 0 && r <= peak_slope(kind))) return -1.0;
   if (kind == kTanh) {
-    const double t = vk_sqrt(1.0 - r);
-    return vk_log((1.0 + t) / vk_sqrt(r));
+    const double t = math::sqrt(1.0 - r);
+    return math::log((1.0 + t) / math::sqrt(r));
   }
-  const double q = vk_sqrt(1.0 - 4.0 * r);
-  return 2.0 * vk_log((1.0 + q) / (2.0 * vk_sqrt(r)));
+  const double q = math::sqrt(1.0 - 4.0 * r);
+  return 2.0 * math::log((1.0 + q) / (2.0 * math::sqrt(r)));
 }
 
 // The value rounds up, after a relative margin of a few double ulps for the double arithmetic:
