@@ -13,7 +13,8 @@ in the box. Four methods trade tightness for time:
   same backward pass started at each activation layer, intersected with IBP's.
 - ``"alpha"``: CROWN with the lower slopes of unstable ReLUs (any value in [0, 1] gives a valid
   line) trained by projected Adam to raise the final bound. Every iterate is a valid bound; the
-  best one per box and row is kept.
+  best one per box and row is kept. Under splits, the split constraints also get Lagrange
+  multipliers, trained alongside (beta-CROWN), and the search can resume from given values.
 - ``"dual"``: the Lagrangian dual of Dvijotham et al. (2018), given CROWN's pre-activation
   bounds (:func:`deepkern.verify.dual.dual_bound`).
 
@@ -39,7 +40,15 @@ from torch import Tensor, nn
 from deepkern.ops import verify as verify_ops
 from deepkern.verify.network import ElementwiseAffine, Reshape
 
-__all__ = ["METHODS", "BoundResult", "PreparedNetwork", "compute_bounds", "prepare_network"]
+__all__ = [
+    "METHODS",
+    "BoundResult",
+    "OptimisedVariables",
+    "PreparedNetwork",
+    "affine_rows",
+    "compute_bounds",
+    "prepare_network",
+]
 
 METHODS = ("ibp", "crown", "alpha", "dual")
 
@@ -61,6 +70,9 @@ class BoundResult:
             input dimension costs the bound most.
         activation_coefficients: per activation layer, Tensor[B, S, units] or None: the
             backward coefficients that met the activation's relaxation in the final pass.
+        variables: for alpha, the slopes and multipliers of each box's and row's best bound
+            (rows as in the final pass: the spec's, then its negation when upper bounds are
+            asked for), to resume from with ``compute_bounds(..., start=variables)``.
     """
 
     lower: Tensor
@@ -68,6 +80,23 @@ class BoundResult:
     intermediate: list[tuple[Tensor, Tensor]]
     input_coefficients: Tensor | None = None
     activation_coefficients: list[Tensor] = field(default_factory=list)
+    variables: OptimisedVariables | None = None
+
+
+@dataclass
+class OptimisedVariables:
+    """What alpha optimises, per box and final-pass row.
+
+    Attributes:
+        slopes: activation layer index -> Tensor[B, S, units] in [0, 1], the lower slopes of
+            its ReLUs (used where a ReLU is unstable).
+        multipliers: activation layer index -> (above, below), Tensor[B, S, units] >= 0, the
+            Lagrange multipliers of the split constraints ``z >= lo`` and ``z <= hi`` (used
+            where the layer's split sets that side; results hold zero elsewhere).
+    """
+
+    slopes: dict[int, Tensor] = field(default_factory=dict)
+    multipliers: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,10 +456,14 @@ def _concretize(a: Tensor, offset: Tensor, lower: Tensor, upper: Tensor) -> Tens
 
 
 class _Relaxations:
-    """Per activation layer: the lines enclosing it, for the current pre-activation bounds."""
+    """Per activation layer: the lines enclosing it, for the current pre-activation bounds,
+    and the split constraints (see :func:`_split_constraints`) that multipliers may enforce."""
 
-    def __init__(self, kinds: list[str], bounds: list[tuple[Tensor, Tensor]], noise=None):
+    def __init__(
+        self, kinds: list[str], bounds: list[tuple[Tensor, Tensor]], noise=None, constraints=None
+    ):
         self.kinds, self.bounds, self.noise = kinds, bounds, noise
+        self.constraints = constraints or {}
         self.cache: dict[int, tuple[Tensor, ...]] = {}
 
     def lines(self, index: int, slope: Tensor | None) -> tuple[Tensor, ...]:
@@ -454,9 +487,16 @@ def _backward(
     relaxations: _Relaxations,
     slopes: dict[int, Tensor] | None = None,
     record: list | None = None,
+    multipliers: dict[int, tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Carries coefficients ``a`` [b, S, m] on the output of ``net.layers[stop - 1]`` back to the
-    input, relaxing every activation for a lower bound. Returns (input coefficients, offset)."""
+    input, relaxing every activation for a lower bound. Returns (input coefficients, offset).
+
+    ``multipliers`` maps an activation layer to (above, below), Tensor[b, S, units] >= 0, the
+    Lagrange multipliers of its split constraints ``z >= s_lo`` and ``z <= s_hi``: on the
+    subdomain both ``above (z - s_lo)`` and ``below (s_hi - z)`` are nonnegative, so
+    subtracting them from the function being bounded keeps every lower bound valid, and moves
+    the constraints' information onto earlier layers and the input box."""
     offset = a.new_zeros(a.shape[:-1])
     for position in reversed(range(stop)):
         layer = net.layers[position]
@@ -475,10 +515,47 @@ def _backward(
             positive = a.clamp(min=0)
             offset = offset + _row_dot(a, upper_bias) + _row_dot(positive, lower_bias - upper_bias)
             a = torch.addcmul(a * upper_slope, positive, lower_slope - upper_slope)
+            if multipliers and layer.index in multipliers:
+                above, below = multipliers[layer.index]
+                constraint = relaxations.constraints[layer.index]
+                a = a - above * constraint.above + below * constraint.below
+                offset = offset + _row_dot(above, constraint.above_at)
+                offset = offset - _row_dot(below, constraint.below_at)
         else:
             a, shift = layer.backward(a)
             offset = offset + shift
     return a, offset
+
+
+@dataclass
+class _SplitConstraint:
+    """One layer's split constraints as Tensor[B, 1, units]: ``above`` is 1 where the split
+    says ``z >= above_at``, ``below`` is 1 where it says ``z <= below_at`` (0 elsewhere; the
+    values are 0 where there is no constraint)."""
+
+    above: Tensor
+    above_at: Tensor
+    below: Tensor
+    below_at: Tensor
+
+
+def _split_constraints(net: PreparedNetwork, splits, batch: int) -> dict[int, _SplitConstraint]:
+    """The finite split bounds of every activation layer, for Lagrange multipliers."""
+    constraints = {}
+    for index, units in enumerate(net.activation_units):
+        entry = _split(splits, index)
+        if entry is None:
+            continue
+        parts = []
+        for value, sign in ((entry[0], -1), (entry[1], 1)):
+            if value is None:
+                value = torch.full((units,), sign * math.inf, dtype=net.dtype)
+            value = value.to(net.dtype).expand(batch, units).unsqueeze(1)
+            present = torch.isfinite(value)
+            parts += [present.to(net.dtype), torch.where(present, value, 0.0)]
+        if bool(parts[0].any() or parts[2].any()):
+            constraints[index] = _SplitConstraint(*parts)
+    return constraints
 
 
 def _row_dot(a: Tensor, v: Tensor) -> Tensor:
@@ -554,10 +631,10 @@ def _split(splits, index: int):
     return splits[index]
 
 
-def _crown_intermediate(net, lower, upper, splits, intermediate, every_neuron=True):
+def _crown_intermediate(net, lower, upper, splits, intermediate, refresh=None):
     """Pre-activation bounds of every activation layer: IBP from the previous layer's bounds,
     intersected with a backward (CROWN) pass started at the layer, the splits and any given
-    bounds."""
+    bounds. Given bounds skip the backward pass, except on the boxes ``refresh`` names."""
     bounds: list[tuple[Tensor, Tensor]] = []
     noise: list[Tensor | None] = []
     relaxations = _Relaxations(net.activation_kinds, bounds, noise)
@@ -570,9 +647,13 @@ def _crown_intermediate(net, lower, upper, splits, intermediate, every_neuron=Tr
             continue
         given = intermediate[layer.index] if intermediate is not None else None
         lo, hi = _intersect(lo, hi, given, _split(splits, layer.index))
-        if given is None and not _interval_is_exact(net, position):
-            lo, hi = _tighten(net, position, layer, lo, hi, lower, upper, relaxations, every_neuron)
-            lo, hi = _intersect(lo, hi, _split(splits, layer.index))
+        if not _interval_is_exact(net, position):
+            boxes = None if given is None else _split(refresh, layer.index)
+            if given is None or boxes is not None and bool(boxes.any()):
+                lo, hi = _tighten_boxes(
+                    net, position, layer, lo, hi, lower, upper, relaxations, boxes
+                )
+                lo, hi = _intersect(lo, hi, _split(splits, layer.index))
         bounds.append((lo, hi))
         safe_hi = torch.maximum(hi, lo)
         lo, hi = _apply_activation(layer.kind, lo), _apply_activation(layer.kind, safe_hi)
@@ -640,6 +721,22 @@ def _interval_is_exact(net: PreparedNetwork, position: int) -> bool:
     return general <= 1
 
 
+def _tighten_boxes(net, position, layer, lo, hi, lower, upper, relaxations, boxes):
+    """:func:`_tighten` on the boxes ``boxes`` (Tensor[B] of bools; None for all)."""
+    if boxes is None:
+        return _tighten(net, position, layer, lo, hi, lower, upper, relaxations, True)
+    pick = boxes.nonzero().squeeze(-1)
+    some = _Relaxations(
+        net.activation_kinds,
+        [(b_lo[pick], b_hi[pick]) for b_lo, b_hi in relaxations.bounds],
+        [n[pick] if n is not None else None for n in relaxations.noise],
+    )
+    new_lo, new_hi = _tighten(
+        net, position, layer, lo[pick], hi[pick], lower[pick], upper[pick], some, True
+    )
+    return lo.index_copy(0, pick, new_lo), hi.index_copy(0, pick, new_hi)
+
+
 def _tighten(net, position, layer, lo, hi, lower, upper, relaxations, every_neuron=False):
     """CROWN bounds for the pre-activations of the activation at ``position``, intersected with
     (lo, hi). ``every_neuron=False`` bounds only each box's unstable ReLUs (a stable neuron's
@@ -671,31 +768,61 @@ def _tighten(net, position, layer, lo, hi, lower, upper, relaxations, every_neur
     return lo, hi
 
 
-def _final_pass(net, lower, upper, spec, relaxations, slopes=None, record=None):
-    a, offset = _backward(net, len(net.layers), spec, relaxations, slopes, record)
+def _final_pass(net, lower, upper, spec, relaxations, slopes=None, record=None, multipliers=None):
+    a, offset = _backward(net, len(net.layers), spec, relaxations, slopes, record, multipliers)
     return _concretize(a, offset, lower, upper), a
 
 
-def _optimise_slopes(net, lower, upper, spec, relaxations, steps: int):
-    """alpha-CROWN: projected Adam on the unstable ReLUs' lower slopes, per box and row."""
+def _optimise_slopes(net, lower, upper, spec, relaxations, steps: int, start=None):
+    """alpha-CROWN: projected Adam on the unstable ReLUs' lower slopes, per box and row; with
+    split constraints, on their Lagrange multipliers too (beta-CROWN, Wang et al. 2021).
+    ``start`` (OptimisedVariables) replaces the initial values it has. Returns the best bound,
+    its input coefficients, the activation coefficients and the variables that gave it."""
     batch, rows = lower.shape[0], spec.shape[1]
+    given = start if start is not None else OptimisedVariables()
     slopes: dict[int, Tensor] = {}
     for index, kind in enumerate(net.activation_kinds):
         if kind != "relu":
             continue
-        lo, hi = relaxations.bounds[index]
-        initial = (hi > -lo).to(lower.dtype).unsqueeze(1).expand(batch, rows, -1)
-        slopes[index] = initial.clone().requires_grad_(True)
+        if index in given.slopes:
+            initial = given.slopes[index].to(lower.dtype).clamp(0, 1)
+        else:
+            lo, hi = relaxations.bounds[index]
+            initial = (hi > -lo).to(lower.dtype).unsqueeze(1)
+        slopes[index] = initial.expand(batch, rows, -1).clone().requires_grad_(True)
+    # Zero multipliers give plain CROWN's bound.
+    multipliers: dict[int, tuple[Tensor, Tensor]] = {}
+    for index, constraint in relaxations.constraints.items():
+        shape = (batch, rows, constraint.above.shape[-1])
+        pair = given.multipliers.get(index, (lower.new_zeros(shape), lower.new_zeros(shape)))
+        multipliers[index] = tuple(
+            m.to(lower.dtype).clamp(min=0).expand(shape).clone().requires_grad_(True) for m in pair
+        )
 
-    record: list = [None] * len(net.activation_units)
-    best, best_a = _final_pass(net, lower, upper, spec, relaxations, None, record)
-    best, best_a, best_record = best.detach(), best_a.detach(), list(record)
-    if not slopes or steps <= 0:
-        return best, best_a, best_record
-    optimiser = torch.optim.Adam(list(slopes.values()), lr=0.1)
-    for _ in range(steps):
+    def snapshot() -> OptimisedVariables:
+        return OptimisedVariables(
+            {i: t.detach().clone() for i, t in slopes.items()},
+            {i: (a.detach().clone(), b.detach().clone()) for i, (a, b) in multipliers.items()},
+        )
+
+    if not (slopes or multipliers) or steps <= 0:
+        record: list = [None] * len(net.activation_units)
+        with torch.no_grad():
+            bound, a = _final_pass(
+                net, lower, upper, spec, relaxations, slopes, record, multipliers
+            )
+        return bound, a, record, snapshot()
+    best = None
+    groups = [{"params": list(slopes.values()), "lr": 0.1}]
+    if multipliers:
+        groups.append({"params": [m for pair in multipliers.values() for m in pair], "lr": 0.05})
+    optimiser = torch.optim.Adam(groups)
+    for step in range(steps + 1):
         record = [None] * len(net.activation_units)
-        bound, a = _final_pass(net, lower, upper, spec, relaxations, slopes, record)
+        bound, a = _final_pass(net, lower, upper, spec, relaxations, slopes, record, multipliers)
+        if best is None:
+            best, best_a, best_variables = bound.detach(), a.detach(), snapshot()
+            best_record = [r.detach() if r is not None else None for r in record]
         improved = bound.detach() > best
         best = torch.where(improved, bound.detach(), best)
         best_a = torch.where(improved.unsqueeze(-1), a.detach(), best_a)
@@ -703,19 +830,63 @@ def _optimise_slopes(net, lower, upper, spec, relaxations, steps: int):
             torch.where(improved.unsqueeze(-1), new.detach(), old) if new is not None else old
             for new, old in zip(record, best_record)
         ]
+        keep = improved.unsqueeze(-1)
+        for index, slope in slopes.items():
+            kept = best_variables.slopes[index]
+            best_variables.slopes[index] = torch.where(keep, slope.detach(), kept)
+        for index, (above, below) in multipliers.items():
+            kept_above, kept_below = best_variables.multipliers[index]
+            best_variables.multipliers[index] = (
+                torch.where(keep, above.detach(), kept_above),
+                torch.where(keep, below.detach(), kept_below),
+            )
+        # The last values are judged above too; no step follows them.
+        if step == steps:
+            break
         optimiser.zero_grad()
         (-bound.sum()).backward()
         optimiser.step()
         with torch.no_grad():
             for slope in slopes.values():
                 slope.clamp_(0, 1)
-    # The last step's slopes are valid too.
+            for pair in multipliers.values():
+                for multiplier in pair:
+                    multiplier.clamp_(min=0)
+    # Multipliers of sides without a constraint never move; report them as zero.
+    for index, (above, below) in best_variables.multipliers.items():
+        constraint = relaxations.constraints[index]
+        best_variables.multipliers[index] = (above * constraint.above, below * constraint.below)
+    return best, best_a, best_record, best_variables
+
+
+def affine_rows(
+    net: PreparedNetwork, intermediate: list, rows: Tensor, layer: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Rows of the outputs (``layer=None``) or of activation layer ``layer``'s pre-activations
+    as affine functions of the input, through the relaxations that ``intermediate`` (one
+    ``(lo, hi)`` pair of Tensor[units] per activation layer) gives. Where every activation up
+    to there is fixed (each interval on one side of the ReLU kink), these are the network's
+    own maps on that subdomain, up to outward rounding of the lines; rounding of the network's
+    arithmetic is left out.
+
+    Args:
+        rows: Tensor[k, m], coefficients on the m values.
+
+    Returns:
+        (Tensor[k, n], Tensor[k]): input coefficients and offsets.
+    """
+    bounds = [(lo.reshape(1, -1), hi.reshape(1, -1)) for lo, hi in intermediate]
+    relaxations = _Relaxations(net.activation_kinds, bounds)
+    stop = len(net.layers)
+    if layer is not None:
+        stop = next(
+            position
+            for position, item in enumerate(net.layers)
+            if isinstance(item, _Activation) and item.index == layer
+        )
     with torch.no_grad():
-        bound, a = _final_pass(net, lower, upper, spec, relaxations, slopes)
-        improved = bound > best
-        best = torch.where(improved, bound, best)
-        best_a = torch.where(improved.unsqueeze(-1), a, best_a)
-    return best, best_a, best_record
+        a, offset = _backward(net, stop, rows.to(net.dtype).unsqueeze(0), relaxations)
+    return a[0], offset[0]
 
 
 def _check_box(name_lower: str, lower: Tensor, upper: Tensor, inputs: int) -> None:
@@ -745,6 +916,8 @@ def compute_bounds(
     input_shape: tuple[int, ...] | None = None,
     upper_bound: bool = True,
     intermediate_pass: str = "backward",
+    start: OptimisedVariables | None = None,
+    refresh: list | None = None,
 ) -> BoundResult:
     """Bounds of ``coefficients @ network(x)`` for every ``x`` in each box.
 
@@ -760,12 +933,17 @@ def compute_bounds(
         steps: optimisation steps for ``"alpha"`` (default 20) and ``"dual"`` (default 100).
         intermediate: optional pre-activation bounds per activation layer (entries may be None)
             to use instead of computing them, e.g. a parent's bounds in branch and bound.
+        refresh: optional, per activation layer, None or Tensor[B] of bools: the boxes whose
+            given ``intermediate`` bounds are tightened by a backward pass all the same (in
+            branch and bound, those whose splits changed an earlier layer).
         input_shape: one sample's shape, when the network needs more than flat vectors and
             cannot tell (see :func:`infer_input_shape`).
         upper_bound: also compute ``upper`` (doubles the rows of the final pass).
         intermediate_pass: how CROWN, alpha and dual get pre-activation bounds: ``"backward"``
             (a backward pass from every activation layer; tight) or ``"forward"`` (forward
             linear relaxation; far cheaper when the input has few features, looser).
+        start: for ``"alpha"``, slopes and multipliers to start from, shaped as the
+            ``variables`` of an earlier result (missing entries start as usual).
 
     Returns:
         BoundResult: float64 bounds (the arithmetic's dtype).
@@ -801,7 +979,8 @@ def compute_bounds(
         )
     spec = coefficients.to(net.dtype)
     spec = spec.unsqueeze(0) if spec.dim() == 2 else spec
-    for name, given in (("splits", splits), ("intermediate", intermediate)):
+    _check_start(start, batch, spec.shape[1] * (2 if upper_bound else 1), net)
+    for name, given in (("splits", splits), ("intermediate", intermediate), ("refresh", refresh)):
         if given is not None and len(given) != len(net.activation_units):
             raise ValueError(
                 f"{name} must have one entry per activation layer "
@@ -819,12 +998,13 @@ def compute_bounds(
         if intermediate_pass == "forward":
             bounds, noise = _forward_intermediate(net, lower, upper, splits, intermediate)
         else:
-            bounds, noise = _crown_intermediate(net, lower, upper, splits, intermediate)
+            bounds, noise = _crown_intermediate(net, lower, upper, splits, intermediate, refresh)
 
     rows = spec.shape[1]
     stacked = torch.cat([spec, -spec], dim=1) if upper_bound else spec
     stacked = stacked.expand(batch, -1, -1)
-    relaxations = _Relaxations(net.activation_kinds, bounds, noise)
+    constraints = _split_constraints(net, splits, batch) if method == "alpha" else None
+    relaxations = _Relaxations(net.activation_kinds, bounds, noise, constraints)
     if method == "dual":
         from deepkern.verify.dual import dual_bound
 
@@ -847,8 +1027,8 @@ def compute_bounds(
         with torch.no_grad():
             both, a = _final_pass(net, lower, upper, stacked, relaxations, None, record)
     else:
-        both, a, record = _optimise_slopes(
-            net, lower, upper, stacked, relaxations, 20 if steps is None else steps
+        both, a, record, variables = _optimise_slopes(
+            net, lower, upper, stacked, relaxations, 20 if steps is None else steps, start
         )
     result = BoundResult(
         both[:, :rows],
@@ -856,8 +1036,32 @@ def compute_bounds(
         bounds,
         a[:, :rows],
         [r[:, :rows] if r is not None else None for r in record],
+        variables if method == "alpha" else None,
     )
     return _mark_empty(result)
+
+
+def _check_start(start, batch: int, rows: int, net: PreparedNetwork) -> None:
+    if start is None:
+        return
+    if not isinstance(start, OptimisedVariables):
+        raise ValueError(f"start must be OptimisedVariables, got {type(start).__name__}")
+    named = [(f"start.slopes[{i}]", t) for i, t in start.slopes.items()]
+    named += [
+        (f"start.multipliers[{i}][{side}]", t)
+        for i, pair in start.multipliers.items()
+        for side, t in enumerate(pair)
+    ]
+    for name, tensor in named:
+        index = int(name.split("[")[1].split("]")[0])
+        units = net.activation_units[index] if 0 <= index < len(net.activation_units) else None
+        if units is None:
+            raise ValueError(f"{name}: no activation layer {index}")
+        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != (batch, rows, units):
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be [{batch}, {rows}, {units}], got {shape}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} must be finite")
 
 
 def _loose_error(net: PreparedNetwork, noise: list) -> Tensor:

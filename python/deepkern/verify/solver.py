@@ -25,11 +25,20 @@ bounds cannot clear:
   every box, and every eighth batch the worst boxes get a PGD attack. These networks run on
   one thread: their layers are too narrow to share.
 - many inputs (e.g. MNIST's 784): ReLU splitting. A subproblem fixes some unstable ReLUs active
-  (pre-activation >= 0) or inactive (<= 0); bounds come from ``method`` (alpha-CROWN with 10
-  steps by default) with the pre-activation bounds recomputed under the splits; the neuron
-  split is the unstable one whose relaxation costs the bound most (the BaBSR intercept score:
-  the backward coefficient's magnitude times the chord's offset ``-u l / (u - l)``). The 64
-  subproblems with the lowest bounds go first.
+  (pre-activation >= 0) or inactive (<= 0); bounds come from ``method``: by default alpha-CROWN
+  with a Lagrange multiplier per split constraint (beta-CROWN), 20 steps that resume from the
+  parent's slopes and multipliers. Pre-activation bounds are the parent's, tightened again
+  only after the layer of the new split. The neuron split is the unstable one whose relaxation
+  costs the bound most (the BaBSR intercept score: the backward coefficient's magnitude times
+  the chord's offset ``-u l / (u - l)``). The 64 subproblems with the lowest bounds go first.
+  Every subproblem's bound points at a corner of the box (the minimiser of its linear lower
+  bound), which is tried as a counterexample; the worst subproblems get PGD from there. Where
+  every ReLU is fixed the network is affine, and a linear program finds the subproblem's worst
+  point exactly.
+
+Before any splitting, the root bound's corners seed a second gradient attack: around the
+center of a box the network can be flat (no gradient, so PGD from random points stalls), while
+the bound's corner sits where the outputs change.
 
 Floating point. The network runs in float32, the bounds in float64. An ``"unsat"`` verdict must
 hold for the float32 network as it computes, whatever order its kernels sum in, so:
@@ -64,7 +73,9 @@ from torch import Tensor, nn
 
 from deepkern.verify.bounds import (
     METHODS,
+    OptimisedVariables,
     PreparedNetwork,
+    affine_rows,
     compute_bounds,
     prepare_network,
 )
@@ -89,6 +100,10 @@ _LOOK_AHEAD = True
 _STAGED = True
 _FIRST_STAGE_SECONDS = 10.0
 _NARROW_GAIN = 2.0
+# Optimisation steps per ReLU-splitting subproblem (alpha); each resumes from its parent's.
+_RELU_SPLIT_STEPS = 20
+# How often a subproblem with every ReLU fixed may come back unproven before "unknown".
+_FIXED_RETRIES = 25
 
 
 @dataclass
@@ -252,12 +267,18 @@ class _Problem:
     # -----------------------------------------------------------------------------------------
     # Falsifier
 
-    def attack(self, lower, upper, disjunct, restarts: int, steps: int) -> None:
-        """Random points and PGD in each box [N, n] on its disjunct [N]; raises on success."""
+    def attack(self, lower, upper, disjunct, restarts: int, steps: int, seeds=None) -> None:
+        """Random points and PGD in each box [N, n] on its disjunct [N]; raises on success.
+        ``seeds`` [N, n], when given, replace the first restart of each box: a bound's
+        minimising corner is a far better start than chance where the network is flat around
+        the box's center (gradients vanish there, and PGD from random points stalls)."""
         count = lower.shape[0]
         width = (upper - lower).unsqueeze(1)
         start = torch.rand(count, restarts, lower.shape[1], generator=self.generator)
-        x = (lower.unsqueeze(1) + width * start).reshape(count * restarts, -1)
+        x = lower.unsqueeze(1) + width * start
+        if seeds is not None:
+            x[:, 0] = torch.minimum(torch.maximum(seeds, lower), upper)
+        x = x.reshape(count * restarts, -1)
         box_lo = lower.repeat_interleave(restarts, 0)
         box_hi = upper.repeat_interleave(restarts, 0)
         target = disjunct.repeat_interleave(restarts, 0)
@@ -287,6 +308,14 @@ class _Problem:
 def _row_scores(problem: _Problem, lower_rows: Tensor, disjunct: Tensor) -> Tensor:
     """Per domain: max over rows of (lower bound - d - margin); > 0 means cleared."""
     return (lower_rows - problem.clear_at[disjunct]).amax(-1)
+
+
+def _bound_corners(coefficients: Tensor, lower: Tensor, upper: Tensor, rows: Tensor) -> Tensor:
+    """Per box, the corner that minimises the linear lower bound (input ``coefficients``
+    [N, R, n]) of row ``rows`` [N]: where the relaxation is tight, the network's worst point
+    is near it."""
+    a = coefficients[torch.arange(rows.shape[0]), rows]
+    return torch.where(a > 0, lower, upper)
 
 
 def _input_split(problem: _Problem, disjuncts: Tensor, batch: int, look_ahead: bool) -> float:
@@ -445,30 +474,83 @@ def _split_tensors(net: PreparedNetwork, decisions: list[Tensor]) -> list:
     return splits
 
 
-def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -> float:
-    """ReLU-splitting branch and bound, lowest bounds first; returns the proven bound."""
-    net = problem.net
-    units = net.activation_units
-    relu_layers = [i for i, k in enumerate(net.activation_kinds) if k == "relu"]
-    count = disjuncts.shape[0]
-    decisions = [torch.zeros(count, u, dtype=torch.int8) for u in units]
-    priority = torch.full((count,), -math.inf, dtype=torch.float64)
-    proven = math.inf
-    steps = 10 if method == "alpha" else None
-    while disjuncts.shape[0]:
-        problem.check_time()
-        order = priority.argsort()
-        take = order[: min(batch, order.shape[0])]
-        rest = order[min(batch, order.shape[0]) :]
-        dj, parent_score = disjuncts[take], priority[take]
-        chosen = [d[take] for d in decisions]
-        disjuncts, priority = disjuncts[rest], priority[rest]
-        decisions = [d[rest] for d in decisions]
-        problem.details["domains"] = problem.details.get("domains", 0) + dj.shape[0]
+def _select(tree, index):
+    """The rows ``index`` of every tensor in a nest of lists, tuples and dicts."""
+    if isinstance(tree, Tensor):
+        return tree[index]
+    if isinstance(tree, dict):
+        return {key: _select(value, index) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_select(value, index) for value in tree)
+    return tree
 
+
+def _concat(trees: list):
+    """Joins nests of the same structure along their first dimension."""
+    first = trees[0]
+    if isinstance(first, Tensor):
+        return torch.cat(trees)
+    if isinstance(first, dict):
+        return {key: _concat([tree[key] for tree in trees]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat(list(parts)) for parts in zip(*trees))
+    return first
+
+
+def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -> float:
+    """ReLU-splitting branch and bound, lowest bounds first; returns the proven bound.
+
+    Every open subproblem carries what its parent learnt: its pre-activation bounds (valid
+    for the child too; only layers after the new split are tightened again) and, for alpha,
+    its best slopes and split multipliers, from which the child's optimisation resumes, so a
+    deep subproblem has had the steps of all its ancestors."""
+    net = problem.net
+    relu_layers = [i for i, k in enumerate(net.activation_kinds) if k == "relu"]
+    count, rows = disjuncts.shape[0], problem.coefficients.shape[1]
+    # The root's pre-activation bounds are every subproblem's starting point.
+    box = problem.proof_lower.reshape(1, -1), problem.proof_upper.reshape(1, -1)
+    root = compute_bounds(net, *box, problem.coefficients[:1], "crown", upper_bound=False)
+    layers = len(net.activation_units)
+    domains = {
+        "disjunct": disjuncts,
+        "priority": torch.full((count,), -math.inf, dtype=torch.float64),
+        "decisions": [torch.zeros(count, u, dtype=torch.int8) for u in net.activation_units],
+        # The activation layer of the latest split: bounds of later layers need tightening.
+        "last_split": torch.full((count,), layers, dtype=torch.long),
+        # How often the subproblem came back with every ReLU fixed.
+        "stalls": torch.zeros(count, dtype=torch.long),
+        "bounds": [(lo.expand(count, -1), hi.expand(count, -1)) for lo, hi in root.intermediate],
+    }
+    if method == "alpha":
+        domains["slopes"] = {}
+        domains["multipliers"] = {}
+        for index in relu_layers:
+            lo, hi = root.intermediate[index]
+            shape = (count, rows, lo.shape[-1])
+            domains["slopes"][index] = (hi > -lo).float().unsqueeze(1).expand(shape)
+            domains["multipliers"][index] = torch.zeros(shape)
+    proven = math.inf
+    rounds = 0
+    steps = _RELU_SPLIT_STEPS if method == "alpha" else None
+    while domains["disjunct"].shape[0]:
+        problem.check_time()
+        order = domains["priority"].argsort()
+        taken = _select(domains, order[:batch])
+        domains = _select(domains, order[batch:])
+        dj, parent_score = taken["disjunct"], taken["priority"]
+        chosen = taken["decisions"]
         size = dj.shape[0]
+        problem.details["domains"] = problem.details.get("domains", 0) + size
+
         lo = problem.proof_lower.expand(size, -1)
         hi = problem.proof_upper.expand(size, -1)
+        start = None
+        refresh = [taken["last_split"] < index for index in range(layers)]
+        if method == "alpha":
+            start = OptimisedVariables(
+                {i: s.double() for i, s in taken["slopes"].items()},
+                {i: (m.double(), m.double()) for i, m in taken["multipliers"].items()},
+            )
         result = compute_bounds(
             net,
             lo,
@@ -478,9 +560,13 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             splits=_split_tensors(net, chosen),
             steps=steps,
             upper_bound=False,
+            intermediate=taken["bounds"],
+            refresh=refresh,
+            start=start,
         )
         # A parent's bound holds on its children too (splits need not tighten a bound).
-        score = torch.maximum(_row_scores(problem, result.lower, dj), parent_score)
+        own = _row_scores(problem, result.lower, dj)
+        score = torch.maximum(own, parent_score)
         cleared = score > 0
         if bool(cleared.any()):
             proven = min(proven, float(score[cleared].min()))
@@ -489,46 +575,133 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             continue
         dj, score = dj[keep], score[keep]
         chosen = [d[keep] for d in chosen]
-        rows = result.lower[keep] - problem.clear_at[dj]
-        best_row = rows.argmax(-1)
+        best_row = (result.lower[keep] - problem.clear_at[dj]).argmax(-1)
 
-        # BaBSR intercept score of every unstable, unsplit ReLU.
-        best_score = torch.full((dj.shape[0],), -1.0, dtype=torch.float64)
-        best_layer = torch.zeros(dj.shape[0], dtype=torch.long)
-        best_unit = torch.zeros(dj.shape[0], dtype=torch.long)
-        for index in relu_layers:
-            low, high = result.intermediate[index]
-            low, high = low[keep], high[keep]
-            record = result.activation_coefficients[index]
-            if record is None:
-                continue
-            a = record[keep][torch.arange(dj.shape[0]), best_row]
-            unstable = (low < 0) & (high > 0) & (chosen[index] == 0)
-            offset = -high * low / (high - low).clamp_min(1e-30)
-            layer_score = torch.where(
-                unstable, a.clamp(max=0).abs() * offset + 1e-6 * (high - low), -1.0
-            )
-            value, unit = layer_score.max(-1)
-            better = value > best_score
-            best_score = torch.where(better, value, best_score)
-            best_layer = torch.where(better, torch.full_like(best_layer, index), best_layer)
-            best_unit = torch.where(better, unit, best_unit)
-        if bool((best_score < 0).any()):
-            # Every ReLU fixed and the bound still negative: the relaxation is exact here, so
-            # the minimiser is a counterexample unless floating point says otherwise.
-            raise _Unknown
+        # Where a subdomain's relaxation is tight, its bound's minimising corner is close to
+        # a counterexample if there is one: every corner is tried, the worst few attacked.
+        if result.input_coefficients is not None:
+            corners = _bound_corners(result.input_coefficients[keep], lo[keep], hi[keep], best_row)
+            problem.confirm(corners, dj)
+            rounds += 1
+            if rounds % 8 == 0:
+                worst = score.argsort()[:16]
+                problem.attack(
+                    lo[keep][worst], hi[keep][worst], dj[worst], 2, 20, seeds=corners[worst]
+                )
 
-        rows_index = torch.arange(dj.shape[0])
-        active = [d.clone() for d in chosen]
-        inactive = [d.clone() for d in chosen]
-        for index in relu_layers:
-            here = best_layer == index
-            active[index][rows_index[here], best_unit[here]] = 1
-            inactive[index][rows_index[here], best_unit[here]] = -1
-        decisions = [torch.cat([d, a, b]) for d, a, b in zip(decisions, active, inactive)]
-        disjuncts = torch.cat([disjuncts, dj, dj])
-        priority = torch.cat([priority, score, score])
+        layer, unit = _branching_choice(result, keep, best_row, chosen, relu_layers)
+        # Subproblems with every ReLU fixed cannot be split; the network is affine on each,
+        # so their bound approaches the exact minimum as their multipliers train on. They go
+        # back to the queue as they are (a few times at most), after a linear program has
+        # looked for a counterexample in them.
+        fixed = layer < 0
+        stalls = taken["stalls"][keep] + fixed.long()
+        if bool(fixed.any()):
+            intermediate = [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate]
+            for index in fixed.nonzero().squeeze(-1)[:4].tolist():
+                own = [(b_lo[index], b_hi[index]) for b_lo, b_hi in intermediate]
+                _search_affine_piece(problem, own, [d[index] for d in chosen], int(dj[index]))
+            if bool((stalls > _FIXED_RETRIES).any()):
+                raise _Unknown
+
+        # Both children of every kept subproblem: first all active, then all inactive.
+        parents = {
+            "disjunct": dj,
+            "priority": score,
+            "decisions": chosen,
+            "last_split": torch.where(fixed, layers, layer),
+            "stalls": stalls,
+            "bounds": [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate],
+        }
+        if method == "alpha":
+            variables = result.variables
+            parents["slopes"] = {i: s[keep].float() for i, s in variables.slopes.items()}
+            parents["multipliers"] = {
+                i: (variables.multipliers[i][0] + variables.multipliers[i][1])[keep].float()
+                if i in variables.multipliers
+                else taken["multipliers"][i][keep]
+                for i in relu_layers
+            }
+        children = []
+        for side in (1, -1):
+            child = dict(parents, decisions=[d.clone() for d in chosen])
+            rows_index = torch.arange(dj.shape[0])
+            for index in relu_layers:
+                here = layer == index
+                child["decisions"][index][rows_index[here], unit[here]] = side
+            # A fixed subproblem goes back once, not as two equal children.
+            children.append(child if side > 0 else _select(child, ~fixed))
+        domains = _concat([domains, *children])
     return proven
+
+
+def _search_affine_piece(problem: _Problem, intermediate: list, decisions: list, disjunct: int):
+    """Looks for a counterexample in a subproblem on which the network is affine (every ReLU
+    fixed by its bounds or a split): the point of the box and the split constraints that
+    minimises the largest ``C y - d`` solves a linear program (HiGHS through SciPy, skipped
+    when SciPy is missing). Raises _Counterexample when the network confirms it."""
+    try:
+        from scipy.optimize import linprog
+    except ImportError:
+        return
+    net = problem.net
+    inputs = net.inputs
+    c, d = problem.coefficients[disjunct], problem.thresholds[disjunct]
+    out_a, out_offset = affine_rows(net, intermediate, c)
+    # C y(x) - d <= t for every row; minimise t.
+    rows = [torch.cat([out_a, -torch.ones(c.shape[0], 1, dtype=out_a.dtype)], 1)]
+    limits = [d - out_offset]
+    for index, state in enumerate(decisions):
+        split = state.nonzero().squeeze(-1)
+        if split.numel() == 0:
+            continue
+        units = torch.eye(net.activation_units[index], dtype=net.dtype)[split]
+        z_a, z_offset = affine_rows(net, intermediate, units, layer=index)
+        sign = state[split].to(net.dtype).unsqueeze(-1)
+        # Active (sign 1): z >= 0, i.e. -z_a x <= z_offset; inactive: z_a x <= -z_offset.
+        rows.append(torch.cat([-sign * z_a, torch.zeros(split.numel(), 1, dtype=z_a.dtype)], 1))
+        limits.append(sign.squeeze(-1) * z_offset)
+    cost = [0.0] * inputs + [1.0]
+    box = list(zip(problem.proof_lower.tolist(), problem.proof_upper.tolist())) + [(None, None)]
+    solution = linprog(
+        cost,
+        A_ub=torch.cat(rows).numpy(),
+        b_ub=torch.cat(limits).numpy(),
+        bounds=box,
+        method="highs",
+    )
+    problem.details["linear_programs"] = problem.details.get("linear_programs", 0) + 1
+    if solution.status == 0:
+        point = torch.as_tensor(solution.x[:inputs], dtype=torch.float64).unsqueeze(0)
+        problem.confirm(point, torch.tensor([disjunct]))
+
+
+def _branching_choice(result, keep, best_row, chosen, relu_layers) -> tuple[Tensor, Tensor]:
+    """Per kept subproblem, the (layer, unit) of the unstable, unsplit ReLU with the highest
+    BaBSR intercept score: the backward coefficient's magnitude (where it takes the upper
+    line) times the chord's offset ``-u l / (u - l)``. Layer -1 where none is left."""
+    count = best_row.shape[0]
+    best_score = torch.full((count,), -1.0, dtype=torch.float64)
+    best_layer = torch.full((count,), -1, dtype=torch.long)
+    best_unit = torch.zeros(count, dtype=torch.long)
+    for index in relu_layers:
+        record = result.activation_coefficients[index]
+        if record is None:
+            continue
+        low, high = result.intermediate[index]
+        low, high = low[keep], high[keep]
+        a = record[keep][torch.arange(count), best_row]
+        unstable = (low < 0) & (high > 0) & (chosen[index] == 0)
+        offset = -high * low / (high - low).clamp_min(1e-30)
+        layer_score = torch.where(
+            unstable, a.clamp(max=0).abs() * offset + 1e-6 * (high - low), -1.0
+        )
+        value, unit = layer_score.max(-1)
+        better = (value > best_score) & (value >= 0)
+        best_score = torch.where(better, value, best_score)
+        best_layer = torch.where(better, torch.full_like(best_layer, index), best_layer)
+        best_unit = torch.where(better, unit, best_unit)
+    return best_layer, best_unit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +867,20 @@ def _prove(problem: _Problem, method: str) -> float:
     proven = float(score[score > 0].min()) if bool((score > 0).any()) else math.inf
     if open_disjuncts.shape[0] == 0:
         return proven
+    if first.input_coefficients is not None:
+        # A second attack, from the corners the bounds point at.
+        still = score <= 0
+        best_row = (first.lower - problem.clear_at[every]).argmax(-1)[still]
+        corners = _bound_corners(first.input_coefficients[still], lo[still], hi[still], best_row)
+        seeded = torch.cat([corners, (corners + lo[still]) / 2, (corners + hi[still]) / 2])
+        problem.attack(
+            lo[still].repeat(3, 1),
+            hi[still].repeat(3, 1),
+            open_disjuncts.repeat(3),
+            restarts=4,
+            steps=50,
+            seeds=seeded,
+        )
     has_relu = "relu" in net.activation_kinds
     if net.inputs <= _INPUT_SPLIT_MAX_INPUTS or not has_relu:
         problem.details["strategy"] = "input split"
