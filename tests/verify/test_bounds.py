@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from deepkern.verify import ElementwiseAffine
-from deepkern.verify.bounds import compute_bounds, infer_input_shape, prepare_network
+from deepkern.verify.bounds import (
+    OptimisedVariables,
+    affine_rows,
+    compute_bounds,
+    infer_input_shape,
+    prepare_network,
+)
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 METHODS = ("ibp", "crown", "alpha")
@@ -117,8 +123,9 @@ def test_per_box_coefficients_and_intermediate_bounds():
         assert lo.shape == (3, units) and bool((lo <= hi).all())
 
 
-def _milp_minimum(network: nn.Sequential, lower, upper, row) -> float:
-    """min of row @ network(x) over the box: a big-M mixed-integer program on IBP bounds."""
+def _milp_minimum(network: nn.Sequential, lower, upper, row, fixed=None) -> float:
+    """min of row @ network(x) over the box: a big-M mixed-integer program on IBP bounds.
+    ``fixed`` maps (hidden layer, unit) to 1 (pre-activation >= 0) or -1 (<= 0)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     linears = [m for m in network if isinstance(m, nn.Linear)]
@@ -143,6 +150,9 @@ def _milp_minimum(network: nn.Sequential, lower, upper, row) -> float:
             h, b = base + j, base + units + j
             var_lo[h], var_hi[h] = 0.0, max(hi[j], 0.0)
             var_lo[b], var_hi[b] = 0.0, 1.0
+            state = (fixed or {}).get((index, j))
+            if state is not None:
+                var_lo[b] = var_hi[b] = 1.0 if state > 0 else 0.0
             integrality[b] = 1
             pre = np.zeros(total)
             pre[previous] = weight[j]
@@ -224,6 +234,134 @@ def test_splits_bound_their_halves_and_empty_splits_give_infinity():
     assert math.isinf(float(empty.lower)) and float(empty.lower) > 0
 
 
+def _random_splits(network, lower, upper, row, count: int, seed: int):
+    """``count`` unstable ReLUs of each hidden layer, fixed to the sides a random point of the
+    box takes (so the subdomain is not empty): (splits for compute_bounds, the same for
+    _milp_minimum)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = compute_bounds(network, lower, upper, row, "crown")
+    point = lower + (upper - lower) * torch.rand(
+        lower.shape, generator=generator, dtype=lower.dtype
+    )
+    sides = []
+    with torch.no_grad():
+        for module in network:
+            point = module(point)
+            if isinstance(module, nn.Linear):
+                sides.append(point[0])
+    splits, fixed = [], {}
+    for layer, (lo, hi) in enumerate(base.intermediate):
+        split_lo = torch.full_like(lo, -math.inf)
+        split_hi = torch.full_like(hi, math.inf)
+        unstable = ((lo < 0) & (hi > 0))[0].nonzero().squeeze(-1)
+        picked = unstable[torch.randperm(unstable.numel(), generator=generator)[:count]]
+        for unit in picked.tolist():
+            side = 1 if float(sides[layer][unit]) >= 0 else -1
+            (split_lo if side > 0 else split_hi)[0, unit] = 0.0
+            fixed[(layer, unit)] = side
+        splits.append((split_lo, split_hi))
+    return splits, fixed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_split_multipliers_stay_below_the_exact_minimum_and_tighten(seed):
+    network = _mlp("relu", sizes=(3, 12, 10, 2), seed=seed)
+    lower, upper = _boxes(1, 3, 0.9, seed=seed + 20)
+    row = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    splits, fixed = _random_splits(network, lower, upper, row, count=3, seed=seed)
+    exact = _milp_minimum(network, lower[0], upper[0], row[0], fixed)
+    crown = compute_bounds(network, lower, upper, row, "crown", splits=splits)
+    optimised = compute_bounds(network, lower, upper, row, "alpha", splits=splits, steps=200)
+    assert float(crown.lower) <= float(optimised.lower) + 1e-12
+    assert float(optimised.lower) <= exact + 1e-7
+    # The multipliers carry weight only on split sides.
+    for index, (above, below) in optimised.variables.multipliers.items():
+        split_lo, split_hi = splits[index]
+        assert bool((above[0, 0][torch.isinf(split_lo[0])] == 0).all())
+        assert bool((below[0, 0][torch.isinf(split_hi[0])] == 0).all())
+        assert bool((above >= 0).all() and (below >= 0).all())
+
+
+def test_split_multipliers_close_the_gap_on_an_affine_piece():
+    # Every ReLU fixed: the network is affine on the subdomain, and with trained multipliers
+    # the bound approaches the exact minimum over the box and the split constraints.
+    network = _mlp("relu", sizes=(2, 6, 2), seed=3)
+    lower = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    upper = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    row = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    splits, fixed = _random_splits(network, lower, upper, row, count=6, seed=0)
+    exact = _milp_minimum(network, lower[0], upper[0], row[0], fixed)
+    without = compute_bounds(network, lower, upper, row, "alpha", splits=splits, steps=0)
+    trained = compute_bounds(network, lower, upper, row, "alpha", splits=splits, steps=500)
+    assert float(trained.lower) <= exact + 1e-7
+    assert exact - float(trained.lower) < 0.25 * (exact - float(without.lower)) + 1e-6
+
+
+def test_resuming_from_variables_never_loses_the_bound():
+    network = _mlp("relu", sizes=(4, 16, 16, 3), seed=5)
+    lower, upper = _boxes(3, 4, 0.6, seed=5)
+    rows = torch.eye(3, dtype=torch.float64)[:2]
+    splits, _ = _random_splits(network, lower[:1], upper[:1], rows[:1], count=2, seed=5)
+    splits = [(lo.expand(3, -1), hi.expand(3, -1)) for lo, hi in splits]
+    first = compute_bounds(network, lower, upper, rows, "alpha", splits=splits, steps=10)
+    again = compute_bounds(
+        network, lower, upper, rows, "alpha", splits=splits, steps=0, start=first.variables
+    )
+    torch.testing.assert_close(again.lower, first.lower, rtol=0, atol=1e-12)
+    longer = compute_bounds(
+        network, lower, upper, rows, "alpha", splits=splits, steps=10, start=first.variables
+    )
+    assert bool((longer.lower >= first.lower - 1e-12).all())
+    # Variables are per final-pass row: lower bounds, then the negated rows for upper bounds.
+    assert first.variables.slopes[0].shape == (3, 4, 16)
+
+
+def test_given_bounds_tightened_again_only_where_asked():
+    network = _mlp("relu", sizes=(4, 16, 16, 3), seed=6)
+    lower, upper = _boxes(2, 4, 0.6, seed=6)
+    rows = torch.eye(3, dtype=torch.float64)
+    fresh = compute_bounds(network, lower, upper, rows, "crown")
+    loose = [(lo - 1.0, hi + 1.0) for lo, hi in fresh.intermediate]
+    kept = compute_bounds(network, lower, upper, rows, "crown", intermediate=loose)
+    redone = compute_bounds(
+        network,
+        lower,
+        upper,
+        rows,
+        "crown",
+        intermediate=loose,
+        refresh=[None, torch.tensor([True, False])],
+    )
+    # The first layer's interval is exact anyway; the second is tightened on box 0 only.
+    torch.testing.assert_close(redone.intermediate[1][0][0], fresh.intermediate[1][0][0])
+    torch.testing.assert_close(redone.intermediate[1][0][1], kept.intermediate[1][0][1])
+    assert bool((redone.lower[0] >= kept.lower[0] - 1e-12).all())
+
+
+def test_affine_rows_are_the_network_on_a_fixed_piece():
+    network = _mlp("relu", sizes=(3, 8, 6, 2), seed=7)
+    lower, upper = _boxes(1, 3, 0.6, seed=7)
+    row = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    splits, _ = _random_splits(network, lower, upper, row, count=8, seed=7)
+    result = compute_bounds(network, lower, upper, row, "crown", splits=splits)
+    intermediate = [(lo[0], hi[0]) for lo, hi in result.intermediate]
+    net = prepare_network(network, (3,))
+    out_a, out_offset = affine_rows(net, intermediate, torch.eye(2, dtype=torch.float64))
+    first_a, first_offset = affine_rows(net, intermediate, torch.eye(6, dtype=torch.float64), 1)
+    # Points of the box on this piece: every pre-activation on its side.
+    x = lower + (upper - lower) * torch.rand(4000, 3, dtype=torch.float64)
+    with torch.no_grad():
+        z1 = network[0](x)
+        z2 = network[2](torch.relu(z1))
+        y = network(x)
+    inside = torch.ones(x.shape[0], dtype=torch.bool)
+    for z, (lo, hi) in zip((z1, z2), intermediate):
+        inside &= ((z >= lo - 1e-12) & (z <= hi + 1e-12)).all(-1)
+    assert int(inside.sum()) > 0
+    torch.testing.assert_close(x[inside] @ out_a.T + out_offset, y[inside])
+    torch.testing.assert_close(x[inside] @ first_a.T + first_offset, z2[inside])
+
+
 def test_rounding_model_only_loosens():
     network = _mlp("tanh", sizes=(4, 20, 20, 3)).float()
     lower, upper = _boxes(4, 4, 0.5, seed=6)
@@ -268,3 +406,19 @@ def test_bad_input_names_the_argument():
         compute_bounds(nn.Sequential(nn.Linear(4, 3), nn.GELU()), lower, upper, row, "ibp")
     with pytest.raises(ValueError, match="intermediate_pass"):
         compute_bounds(network, lower, upper, row, "crown", intermediate_pass="sideways")
+    with pytest.raises(ValueError, match="refresh"):
+        compute_bounds(network, lower, upper, row, "crown", refresh=[None])
+    with pytest.raises(ValueError, match="start must be OptimisedVariables"):
+        compute_bounds(network, lower, upper, row, "alpha", start={"slopes": {}})
+    wrong = OptimisedVariables({0: torch.zeros(2, 3, 12, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"start.slopes\[0\] must be \[2, 6, 12\]"):
+        compute_bounds(network, lower, upper, row, "alpha", start=wrong)
+    with pytest.raises(ValueError, match="no activation layer 5"):
+        compute_bounds(
+            network,
+            lower,
+            upper,
+            row,
+            "alpha",
+            start=OptimisedVariables({5: torch.zeros(2, 6, 12)}),
+        )

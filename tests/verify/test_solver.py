@@ -155,6 +155,44 @@ def test_relu_splitting_on_many_inputs_matches_the_exact_minimum():
     _check_counterexample(network, spec, verify(network, spec, timeout=60))
 
 
+def test_a_counterexample_beyond_a_flat_plateau_is_found():
+    # y = 1 - 10 relu(sum(x) - 39.5) on [0, 1]^40: around every random point the output is
+    # flat (no gradient for PGD); only near the all-ones corner does it drop below zero.
+    hidden = nn.Linear(40, 1)
+    output = nn.Linear(1, 1)
+    with torch.no_grad():
+        hidden.weight.fill_(1.0)
+        hidden.bias.fill_(-39.5)
+        output.weight.fill_(-10.0)
+        output.bias.fill_(1.0)
+    network = nn.Sequential(hidden, nn.ReLU(), output)
+    spec = _spec([0.0] * 40, [1.0] * 40, [([[1.0]], [0.0])])
+    result = verify(network, spec, timeout=30)
+    _check_counterexample(network, spec, result)
+
+
+@pytest.mark.parametrize("margin", [0.02, -1e-4])
+def test_subproblems_with_every_relu_fixed_are_decided(monkeypatch, margin):
+    # With the attacks and the bound corners taken away, a counterexample can only come from
+    # the linear program on a subproblem where every ReLU is fixed; 1e-4 under the exact
+    # minimum, the proof needs such subproblems too, bounded with the program's duals.
+    network = _mlp((40, 6, 2), seed=8)
+    center = torch.rand(40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    lower, upper = center - 0.3, center + 0.3
+    row = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    exact = _milp_minimum(network.double(), lower, upper, row)
+    network = network.float()
+    monkeypatch.setattr(solver._Problem, "attack", lambda *args, **kwargs: None)
+    monkeypatch.setattr(solver, "_bound_corners", lambda a, lower, upper, rows: (lower + upper) / 2)
+    spec = _spec(lower, upper, [(row[None], [exact + margin])])
+    result = verify(network, spec, timeout=60)
+    if margin > 0:
+        _check_counterexample(network, spec, result)
+    else:
+        assert result.verdict == "unsat"
+    assert result.details["linear_programs"] >= 1
+
+
 def test_a_short_timeout_never_claims_a_proof():
     network = _mlp((5, 64, 64, 64, 1), seed=5)
     lower, upper = [-1.0] * 5, [1.0] * 5

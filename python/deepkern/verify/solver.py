@@ -596,11 +596,16 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         # looked for a counterexample in them.
         fixed = layer < 0
         stalls = taken["stalls"][keep] + fixed.long()
+        exact_multipliers = {}
         if bool(fixed.any()):
             intermediate = [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate]
             for index in fixed.nonzero().squeeze(-1)[:4].tolist():
                 own = [(b_lo[index], b_hi[index]) for b_lo, b_hi in intermediate]
-                _search_affine_piece(problem, own, [d[index] for d in chosen], int(dj[index]))
+                found = _search_affine_piece(
+                    problem, own, [d[index] for d in chosen], int(dj[index])
+                )
+                if found is not None:
+                    exact_multipliers[index] = found
             if bool((stalls > _FIXED_RETRIES).any()):
                 raise _Unknown
 
@@ -622,6 +627,10 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
                 else taken["multipliers"][i][keep]
                 for i in relu_layers
             }
+            # A fixed subproblem resumes from the linear program's duals.
+            for position, found in exact_multipliers.items():
+                for index, values in found.items():
+                    parents["multipliers"][index][position] = values.float()
         children = []
         for side in (1, -1):
             child = dict(parents, decisions=[d.clone() for d in chosen])
@@ -635,15 +644,22 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
     return proven
 
 
-def _search_affine_piece(problem: _Problem, intermediate: list, decisions: list, disjunct: int):
+def _search_affine_piece(
+    problem: _Problem, intermediate: list, decisions: list, disjunct: int
+) -> dict[int, Tensor] | None:
     """Looks for a counterexample in a subproblem on which the network is affine (every ReLU
     fixed by its bounds or a split): the point of the box and the split constraints that
     minimises the largest ``C y - d`` solves a linear program (HiGHS through SciPy, skipped
-    when SciPy is missing). Raises _Counterexample when the network confirms it."""
+    when SciPy is missing). Raises _Counterexample when the network confirms it.
+
+    Otherwise returns the program's dual values of the split constraints, per activation layer
+    Tensor[units] (zero off the splits), scaled to one unit of objective: as multipliers of
+    the bound they make it the program's optimum, and the bound, unlike the program's floating
+    point answer, is rigorous. None when the program has no solution."""
     try:
         from scipy.optimize import linprog
     except ImportError:
-        return
+        return None
     net = problem.net
     inputs = net.inputs
     c, d = problem.coefficients[disjunct], problem.thresholds[disjunct]
@@ -651,6 +667,7 @@ def _search_affine_piece(problem: _Problem, intermediate: list, decisions: list,
     # C y(x) - d <= t for every row; minimise t.
     rows = [torch.cat([out_a, -torch.ones(c.shape[0], 1, dtype=out_a.dtype)], 1)]
     limits = [d - out_offset]
+    placed = []
     for index, state in enumerate(decisions):
         split = state.nonzero().squeeze(-1)
         if split.numel() == 0:
@@ -661,6 +678,7 @@ def _search_affine_piece(problem: _Problem, intermediate: list, decisions: list,
         # Active (sign 1): z >= 0, i.e. -z_a x <= z_offset; inactive: z_a x <= -z_offset.
         rows.append(torch.cat([-sign * z_a, torch.zeros(split.numel(), 1, dtype=z_a.dtype)], 1))
         limits.append(sign.squeeze(-1) * z_offset)
+        placed.append((index, split))
     cost = [0.0] * inputs + [1.0]
     box = list(zip(problem.proof_lower.tolist(), problem.proof_upper.tolist())) + [(None, None)]
     solution = linprog(
@@ -671,9 +689,25 @@ def _search_affine_piece(problem: _Problem, intermediate: list, decisions: list,
         method="highs",
     )
     problem.details["linear_programs"] = problem.details.get("linear_programs", 0) + 1
-    if solution.status == 0:
-        point = torch.as_tensor(solution.x[:inputs], dtype=torch.float64).unsqueeze(0)
-        problem.confirm(point, torch.tensor([disjunct]))
+    if solution.status != 0:
+        return None
+    point = torch.as_tensor(solution.x[:inputs], dtype=torch.float64).unsqueeze(0)
+    problem.confirm(point, torch.tensor([disjunct]))
+
+    # Duals of "<=" rows are <= 0 when minimising; the output rows' duals sum to one in
+    # exact arithmetic, and dividing by their sum keeps that scale in floating point.
+    duals = -torch.as_tensor(solution.ineqlin.marginals, dtype=torch.float64).clamp(max=0)
+    weight = float(duals[: c.shape[0]].sum())
+    if not weight > 0:
+        return None
+    multipliers = {}
+    start = c.shape[0]
+    for index, split in placed:
+        values = torch.zeros(net.activation_units[index], dtype=torch.float64)
+        values[split] = duals[start : start + split.numel()] / weight
+        multipliers[index] = values
+        start += split.numel()
+    return multipliers
 
 
 def _branching_choice(result, keep, best_row, chosen, relu_layers) -> tuple[Tensor, Tensor]:
