@@ -485,6 +485,11 @@ def test_a_file_that_is_not_onnx(tmp_path):
         load_onnx(str(path))
     with pytest.raises(OSError):
         load_onnx(str(tmp_path / "missing.onnx"))
+    # An empty file parses as an empty model.
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(OnnxImportError, match="empty.onnx: not an ONNX model"):
+        load_onnx(str(empty))
 
 
 def test_loaded_layers_are_the_verifiable_set(tmp_path):

@@ -113,6 +113,14 @@ def test_malformed_instance_lists(tmp_path, line, match):
         read_instances(str(path))
 
 
+@pytest.mark.parametrize("content", [b"\x00\x01binary,,\n", b"\xff\xfe\xfa,a,1\n"])
+def test_an_instance_list_that_is_not_text(tmp_path, content):
+    path = tmp_path / "instances.csv"
+    path.write_bytes(content)
+    with pytest.raises(ResultFormatError, match="instances.csv: not a text CSV"):
+        read_instances(str(path))
+
+
 def test_result_table_round_trips(tmp_path):
     rows = [
         InstanceResult("n.onnx", "p.vnnlib", "unsat", 1.23456, 0.5),

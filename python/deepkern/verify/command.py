@@ -148,7 +148,10 @@ def _run_instances(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.timeout_scale) and args.timeout_scale > 0):
         raise ValueError(f"--timeout-scale must be positive, got {args.timeout_scale}")
     _check_writable("--results", args.results)
-    instances = read_instances(args.instances)
+    try:
+        instances = read_instances(args.instances)
+    except OSError as error:
+        raise ValueError(f"--instances: cannot read {args.instances} ({error.strerror})") from error
     if not instances:
         raise ValueError(f"{args.instances}: the list holds no instances")
 

@@ -78,6 +78,9 @@ def load_onnx(path: str) -> tuple[nn.Sequential, tuple[int, ...]]:
         model = onnx.load(path)
     except DecodeError as error:
         raise OnnxImportError(f"{path}: not an ONNX model ({error})") from error
+    # An empty or foreign file can parse as an empty model; say so rather than "no input".
+    if not model.graph.node and not model.graph.input:
+        raise OnnxImportError(f"{path}: not an ONNX model (no graph)")
     try:
         return _GraphReader(model).read()
     except OnnxImportError as error:

@@ -178,28 +178,34 @@ def read_instances(path: str) -> list[Instance]:
     folder = os.path.dirname(os.path.abspath(path))
     instances = []
     with open(path, encoding="utf-8", newline="") as file:
-        for line_number, row in enumerate(csv.reader(file), start=1):
-            fields = [field.strip() for field in row]
-            if not any(fields):
-                continue
-            if len(fields) != 3:
-                raise ResultFormatError(
-                    f"{path}:{line_number}: expected onnx,vnnlib,timeout, got {len(fields)} fields"
-                )
-            try:
-                timeout = float(fields[2])
-            except ValueError:
-                timeout = math.nan
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise ResultFormatError(
-                    f"{path}:{line_number}: timeout must be a positive number, got {fields[2]!r}"
-                )
-            onnx_path, onnx_found = _locate(folder, fields[0])
-            vnnlib_path, vnnlib_found = _locate(folder, fields[1])
-            missing = [p for p, found in ((onnx_path, onnx_found), (vnnlib_path, vnnlib_found))
-                       if not found]  # fmt: skip
-            problem = f"missing file {', '.join(missing)}" if missing else None
-            instances.append(Instance(onnx_path, vnnlib_path, timeout, line_number, problem))
+        try:
+            text = file.read()
+        except UnicodeDecodeError as error:
+            raise ResultFormatError(f"{path}: not a text CSV ({error.reason})") from error
+    if "\x00" in text:
+        raise ResultFormatError(f"{path}: not a text CSV (it holds NUL bytes)")
+    for line_number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        fields = [field.strip() for field in row]
+        if not any(fields):
+            continue
+        if len(fields) != 3:
+            raise ResultFormatError(
+                f"{path}:{line_number}: expected onnx,vnnlib,timeout, got {len(fields)} fields"
+            )
+        try:
+            timeout = float(fields[2])
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ResultFormatError(
+                f"{path}:{line_number}: timeout must be a positive number, got {fields[2]!r}"
+            )
+        onnx_path, onnx_found = _locate(folder, fields[0])
+        vnnlib_path, vnnlib_found = _locate(folder, fields[1])
+        missing = [p for p, found in ((onnx_path, onnx_found), (vnnlib_path, vnnlib_found))
+                   if not found]  # fmt: skip
+        problem = f"missing file {', '.join(missing)}" if missing else None
+        instances.append(Instance(onnx_path, vnnlib_path, timeout, line_number, problem))
     return instances
 
 
