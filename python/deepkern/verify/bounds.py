@@ -16,7 +16,8 @@ in the box. Four methods trade tightness for time:
   best one per box and row is kept. Under splits, the split constraints also get Lagrange
   multipliers, trained alongside (beta-CROWN), and the search can resume from given values.
 - ``"dual"``: the Lagrangian dual of Dvijotham et al. (2018), given CROWN's pre-activation
-  bounds (:func:`deepkern.verify.dual.dual_bound`).
+  bounds (:func:`deepkern.verify.dual.dual_bound`), starting from the multipliers that
+  alpha-CROWN's slopes imply, so at least as tight as alpha before its first step.
 
 All arithmetic runs in float64 by default, whatever the network's dtype: the weights of a
 float32 network are exactly representable in float64, and float64 rounding (unit roundoff
@@ -53,6 +54,8 @@ __all__ = [
 METHODS = ("ibp", "crown", "alpha", "dual")
 
 _ACTIVATION_KINDS = {nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+# alpha-CROWN steps that find the dual's starting slopes.
+_DUAL_ALPHA_STEPS = 20
 
 
 @dataclass
@@ -1008,6 +1011,11 @@ def compute_bounds(
     if method == "dual":
         from deepkern.verify.dual import dual_bound
 
+        # The dual starts from alpha-CROWN's slopes, so it is at least alpha's bound.
+        _, _, _, variables = _optimise_slopes(
+            net, lower, upper, stacked, relaxations, _DUAL_ALPHA_STEPS
+        )
+        slopes = [variables.slopes.get(index) for index in range(len(net.activation_units))]
         both = dual_bound(
             net.network,
             lower,
@@ -1015,6 +1023,8 @@ def compute_bounds(
             stacked,
             bounds,
             steps=100 if steps is None else steps,
+            input_shape=net.input_shape,
+            relu_slopes=slopes,
         ).to(net.dtype)
         if net.rounding_unit is not None:
             error = _loose_error(net, noise).unsqueeze(-1)

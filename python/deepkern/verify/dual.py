@@ -303,8 +303,10 @@ class _Problem:
             total = total - (best.detach() + at_z - at_z.detach()).sum(-1)
         return total
 
-    def crown_start(self) -> tuple[list[Tensor], list[Tensor]]:
-        """Multipliers from CROWN's backward pass (see the module's docstring)."""
+    def crown_start(self, relu_slopes=None) -> tuple[list[Tensor], list[Tensor]]:
+        """Multipliers from CROWN's backward pass (see the module's docstring); with
+        ``relu_slopes`` (per activation layer, None or Tensor[B, S, units] in [0, 1]), those
+        lower slopes for the ReLUs, e.g. alpha-CROWN's, whose bound the start then matches."""
         mus: list[Tensor] = [None] * len(self.kinds)
         lambdas: list[Tensor] = [None] * len(self.kinds)
         following = self.coefficients
@@ -312,7 +314,12 @@ class _Problem:
             lam = self.adjoint(k + 1, following)
             lo, hi = self.pre[k]
             if self.kinds[k] == "relu":
-                lower_slope, _, upper_slope, _ = verify_ops.activation_relaxation(lo, hi, "relu")
+                given = relu_slopes[k] if relu_slopes is not None else None
+                if given is not None:
+                    lo, hi = lo.expand_as(given), hi.expand_as(given)
+                lower_slope, _, upper_slope, _ = verify_ops.activation_relaxation(
+                    lo, hi, "relu", given
+                )
                 slope = torch.where(lam >= 0, lower_slope, upper_slope)
             else:
                 act = _activation(self.kinds[k])
@@ -404,6 +411,7 @@ def dual_bound(
     steps: int,
     time_limit: float | None = None,
     input_shape: tuple[int, ...] | None = None,
+    relu_slopes: list | None = None,
 ) -> Tensor:
     """A lower bound of ``coefficients @ network(x)`` over each input box, from the Lagrangian
     dual (see the module's docstring for the derivation).
@@ -426,6 +434,9 @@ def dual_bound(
         time_limit: seconds after which no further step starts, or None.
         input_shape: the shape of one sample, when the network does not take flat samples
             (default: ``(n,)``; a Conv2d that meets flat samples reads them as square images).
+        relu_slopes: optional, per activation layer, None or Tensor[B, S, units] in [0, 1]:
+            lower slopes for the ReLUs of the starting point (e.g. alpha-CROWN's), so that the
+            dual starts at least at that bound.
 
     Returns:
         Tensor[B, S], float64, on ``lower``'s device: valid lower bounds.
@@ -474,7 +485,17 @@ def dual_bound(
     problem = _Problem(blocks, kinds, boxes, pre, coefficients)
 
     with torch.no_grad():
-        mus, lambdas = problem.crown_start()
+        if relu_slopes is not None:
+            if len(relu_slopes) != len(kinds):
+                raise ValueError(
+                    f"relu_slopes must have one entry per activation layer ({len(kinds)}), "
+                    f"got {len(relu_slopes)}"
+                )
+            relu_slopes = [
+                None if t is None else t.to(dtype=dtype, device=device).clamp(0, 1)
+                for t in relu_slopes
+            ]
+        mus, lambdas = problem.crown_start(relu_slopes)
         gaps = [torch.zeros_like(lam) for lam in lambdas]
         best = problem.value(mus, gaps)
     if not kinds or steps == 0:
