@@ -362,6 +362,16 @@ def test_affine_rows_are_the_network_on_a_fixed_piece():
     torch.testing.assert_close(x[inside] @ first_a.T + first_offset, z2[inside])
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_dual_starts_at_least_at_alpha(activation):
+    network = _mlp(activation, sizes=(4, 16, 16, 3), seed=9)
+    lower, upper = _boxes(3, 4, 0.8, seed=9)
+    rows = torch.eye(3, dtype=torch.float64)
+    alpha = compute_bounds(network, lower, upper, rows, "alpha", upper_bound=False)
+    dual = compute_bounds(network, lower, upper, rows, "dual", steps=0, upper_bound=False)
+    assert bool((dual.lower >= alpha.lower - 1e-9).all())
+
+
 def test_rounding_model_only_loosens():
     network = _mlp("tanh", sizes=(4, 20, 20, 3)).float()
     lower, upper = _boxes(4, 4, 0.5, seed=6)
