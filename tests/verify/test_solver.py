@@ -136,8 +136,12 @@ def test_a_contradictory_conjunction_is_cleared_at_the_root():
     assert "domains" not in result.details
 
 
-def test_relu_splitting_on_many_inputs_matches_the_exact_minimum():
-    # 40 inputs send the search to ReLU splitting; a MIP gives the exact answer.
+@pytest.mark.parametrize("memory", ["inherited", "forgotten"])
+def test_relu_splitting_on_many_inputs_matches_the_exact_minimum(monkeypatch, memory):
+    # 40 inputs send the search to ReLU splitting; a MIP gives the exact answer. Without
+    # memory for what parents pass on, subproblems start afresh and still decide.
+    if memory == "forgotten":
+        monkeypatch.setattr(solver, "_STORED_BYTES_LIMIT", 0)
     network = _mlp((40, 24, 24, 2), seed=3)
     center = torch.rand(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     lower, upper = center - 0.1, center + 0.1
@@ -151,6 +155,7 @@ def test_relu_splitting_on_many_inputs_matches_the_exact_minimum():
     assert result.verdict == "unsat"
     if float(root.lower) < below:
         assert result.details["strategy"] == "relu split" and result.details["domains"] > 1
+        assert ("parents_forgotten_at" in result.details) == (memory == "forgotten")
     spec = _spec(lower, upper, [(row[None], [exact + 0.02])])
     _check_counterexample(network, spec, verify(network, spec, timeout=60))
 

@@ -104,6 +104,8 @@ _NARROW_GAIN = 2.0
 _RELU_SPLIT_STEPS = 20
 # How often a subproblem with every ReLU fixed may come back unproven before "unknown".
 _FIXED_RETRIES = 25
+# Memory for what open ReLU-splitting subproblems inherit (bounds, slopes, multipliers).
+_STORED_BYTES_LIMIT = 2 << 30
 
 
 @dataclass
@@ -531,6 +533,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             domains["multipliers"][index] = torch.zeros(shape)
     proven = math.inf
     rounds = 0
+    remember = True
     steps = _RELU_SPLIT_STEPS if method == "alpha" else None
     while domains["disjunct"].shape[0]:
         problem.check_time()
@@ -546,7 +549,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         hi = problem.proof_upper.expand(size, -1)
         start = None
         refresh = [taken["last_split"] < index for index in range(layers)]
-        if method == "alpha":
+        if taken.get("slopes") is not None:
             start = OptimisedVariables(
                 {i: s.double() for i, s in taken["slopes"].items()},
                 {i: (m.double(), m.double()) for i, m in taken["multipliers"].items()},
@@ -616,9 +619,13 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             "decisions": chosen,
             "last_split": torch.where(fixed, layers, layer),
             "stalls": stalls,
-            "bounds": [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate],
+            "bounds": None,
         }
-        if method == "alpha":
+        if remember:
+            parents["bounds"] = [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate]
+        if "slopes" in domains:
+            parents["slopes"] = parents["multipliers"] = None
+        if method == "alpha" and remember:
             variables = result.variables
             parents["slopes"] = {i: s[keep].float() for i, s in variables.slopes.items()}
             parents["multipliers"] = {
@@ -641,7 +648,25 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             # A fixed subproblem goes back once, not as two equal children.
             children.append(child if side > 0 else _select(child, ~fixed))
         domains = _concat([domains, *children])
+        # What the parents pass on costs memory per subproblem; past a limit, the queue
+        # forgets it and every subproblem starts afresh (slower, and bounded memory).
+        if remember and _stored_bytes(domains) > _STORED_BYTES_LIMIT:
+            remember = False
+            domains["bounds"] = None
+            if "slopes" in domains:
+                domains["slopes"] = domains["multipliers"] = None
+            problem.details["parents_forgotten_at"] = problem.details["domains"]
     return proven
+
+
+def _stored_bytes(tree) -> int:
+    if isinstance(tree, Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_stored_bytes(value) for value in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_stored_bytes(value) for value in tree)
+    return 0
 
 
 def _search_affine_piece(
