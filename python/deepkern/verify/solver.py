@@ -599,18 +599,9 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         # looked for a counterexample in them.
         fixed = layer < 0
         stalls = taken["stalls"][keep] + fixed.long()
-        exact_multipliers = {}
-        if bool(fixed.any()):
-            intermediate = [(b_lo[keep], b_hi[keep]) for b_lo, b_hi in result.intermediate]
-            for index in fixed.nonzero().squeeze(-1)[:4].tolist():
-                own = [(b_lo[index], b_hi[index]) for b_lo, b_hi in intermediate]
-                found = _search_affine_piece(
-                    problem, own, [d[index] for d in chosen], int(dj[index])
-                )
-                if found is not None:
-                    exact_multipliers[index] = found
-            if bool((stalls > _FIXED_RETRIES).any()):
-                raise _Unknown
+        exact_multipliers = _search_fixed(problem, result, keep, fixed, chosen, dj)
+        if bool((stalls > _FIXED_RETRIES).any()):
+            raise _Unknown
 
         # Both children of every kept subproblem: first all active, then all inactive.
         parents = {
@@ -667,6 +658,19 @@ def _stored_bytes(tree) -> int:
     if isinstance(tree, (list, tuple)):
         return sum(_stored_bytes(value) for value in tree)
     return 0
+
+
+def _search_fixed(problem, result, keep, fixed, chosen, dj) -> dict[int, dict[int, Tensor]]:
+    """Runs :func:`_search_affine_piece` on (at most four of) the kept subproblems marked
+    ``fixed``; returns their multipliers by position among the kept ones."""
+    found_by_position = {}
+    for position in fixed.nonzero().squeeze(-1)[:4].tolist():
+        row = keep.nonzero().squeeze(-1)[position]
+        own = [(b_lo[row], b_hi[row]) for b_lo, b_hi in result.intermediate]
+        found = _search_affine_piece(problem, own, [d[position] for d in chosen], int(dj[position]))
+        if found is not None:
+            found_by_position[position] = found
+    return found_by_position
 
 
 def _search_affine_piece(
