@@ -933,7 +933,8 @@ def compute_bounds(
         splits: optional, one entry per activation layer (None for none) of ``(lo, hi)``
             Tensor[B, units] (either may be None) intersected with the pre-activation bounds.
             For ReLU branch and bound: active -> ``lo = 0``; inactive -> ``hi = 0``.
-        steps: optimisation steps for ``"alpha"`` (default 20) and ``"dual"`` (default 100).
+        steps: optimisation steps for ``"alpha"`` (default 20) and ``"dual"`` (default 100;
+            any steps at all start with 20 of alpha's, 0 is the dual at CROWN's multipliers).
         intermediate: optional pre-activation bounds per activation layer (entries may be None)
             to use instead of computing them, e.g. a parent's bounds in branch and bound.
         refresh: optional, per activation layer, None or Tensor[B] of bools: the boxes whose
@@ -1011,10 +1012,11 @@ def compute_bounds(
     if method == "dual":
         from deepkern.verify.dual import dual_bound
 
-        # The dual starts from alpha-CROWN's slopes, so it is at least alpha's bound.
-        _, _, _, variables = _optimise_slopes(
-            net, lower, upper, stacked, relaxations, _DUAL_ALPHA_STEPS
-        )
+        # The dual starts from alpha-CROWN's slopes, so it is at least alpha's bound; with no
+        # steps at all it is the dual at CROWN's multipliers.
+        dual_steps = 100 if steps is None else steps
+        alpha_steps = _DUAL_ALPHA_STEPS if dual_steps > 0 else 0
+        _, _, _, variables = _optimise_slopes(net, lower, upper, stacked, relaxations, alpha_steps)
         slopes = [variables.slopes.get(index) for index in range(len(net.activation_units))]
         both = dual_bound(
             net.network,
@@ -1022,7 +1024,7 @@ def compute_bounds(
             upper,
             stacked,
             bounds,
-            steps=100 if steps is None else steps,
+            steps=dual_steps,
             input_shape=net.input_shape,
             relu_slopes=slopes,
         ).to(net.dtype)
