@@ -662,8 +662,11 @@ def _stored_bytes(tree) -> int:
 
 def _search_fixed(problem, result, keep, fixed, chosen, dj) -> dict[int, dict[int, Tensor]]:
     """Runs :func:`_search_affine_piece` on (at most four of) the kept subproblems marked
-    ``fixed``; returns their multipliers by position among the kept ones."""
+    ``fixed``; returns their multipliers by position among the kept ones. A network with
+    sigmoid or tanh layers is not affine on any subproblem, and is left alone."""
     found_by_position = {}
+    if any(kind != "relu" for kind in problem.net.activation_kinds):
+        return found_by_position
     for position in fixed.nonzero().squeeze(-1)[:4].tolist():
         row = keep.nonzero().squeeze(-1)[position]
         own = [(b_lo[row], b_hi[row]) for b_lo, b_hi in result.intermediate]
