@@ -224,6 +224,14 @@ def test_bad_arguments_are_named():
     wrong = _spec([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [([[1.0]], [0.0])])
     with pytest.raises(ValueError, match="inputs"):
         verify(network, wrong, timeout=1)
+    # Half precision overflows the rounding model; a mixed network computes in no one type.
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="float32 or float64 throughout"):
+            verify(_mlp((2, 3, 1), seed=0).to(half), spec, timeout=1)
+    mixed = _mlp((2, 3, 1), seed=0)
+    mixed[2].double()
+    with pytest.raises(ValueError, match="has float32, float64"):
+        verify(mixed, spec, timeout=1)
 
 
 def _shared_verification_data() -> str | None:

@@ -589,6 +589,9 @@ def _ibp(net: PreparedNetwork, lower: Tensor, upper: Tensor, splits, intermediat
 
 
 def _gamma(count: int, unit: float) -> float:
+    # Past k u >= 1 (e.g. a long dot product in bfloat16) the model bounds nothing.
+    if count * unit >= 1:
+        return math.inf
     return count * unit / (1 - count * unit)
 
 

@@ -150,20 +150,16 @@ class _Unknown(Exception):
 # Floating point
 
 
-def _float32_enclosure(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor]:
-    """The smallest box of float32 numbers (as float64) that holds every float32 number in
-    [lower, upper]."""
-    lo = lower.to(torch.float32)
-    hi = upper.to(torch.float32)
+def _enclosure(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The smallest box of ``dtype`` numbers (as float64) that holds every number of [lower,
+    upper] rounded to ``dtype``."""
+    lo = lower.to(dtype)
+    hi = upper.to(dtype)
     below = lo.to(torch.float64) > lower
     lo = torch.where(below, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
     above = hi.to(torch.float64) < upper
     hi = torch.where(above, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
     return lo.to(torch.float64), hi.to(torch.float64)
-
-
-def _gamma(k: int, unit: float) -> float:
-    return k * unit / (1 - k * unit)
 
 
 def _activate(kind: str, x: Tensor) -> Tensor:
@@ -182,8 +178,8 @@ class _Problem:
         self.deadline, self.generator, self.details = deadline, generator, details
         self.run_dtype = run_dtype
         self.lower, self.upper = region.lower.to(torch.float64), region.upper.to(torch.float64)
-        if run_dtype == torch.float32:
-            self.proof_lower, self.proof_upper = _float32_enclosure(self.lower, self.upper)
+        if run_dtype != torch.float64:
+            self.proof_lower, self.proof_upper = _enclosure(self.lower, self.upper, run_dtype)
         else:
             self.proof_lower, self.proof_upper = self.lower, self.upper
 
@@ -217,7 +213,8 @@ class _Problem:
 
         # The bounds cover the network as it computes (its rounding model); a row is cleared
         # when its lower bound of C y beats d by more than a slack for float64's own rounding.
-        unit = 2.0**-24 if run_dtype == torch.float32 else 2.0**-53
+        # Unit roundoff: 2^-24 for float32, 2^-53 for float64, 2^-11 and 2^-8 for the halves.
+        unit = torch.finfo(run_dtype).eps / 2
         self.net = replace(net, rounding_unit=unit)
         self.margins = 1e-9 * (1 + self.thresholds.abs())
         self.clear_at = self.thresholds + self.margins
@@ -842,7 +839,7 @@ def verify(
             f"spec has {spec.inputs} inputs the network cannot take: {error}"
         ) from error
     _check_spec(spec, net)
-    run_dtype = next((p.dtype for p in network.parameters()), torch.float32)
+    run_dtype = _run_dtype(network)
 
     # A network with few inputs has layers too narrow for several threads to share: their
     # hand-offs cost more than the work, and on a busy machine a thread that waits for a
@@ -855,6 +852,21 @@ def verify(
         return _verify(network, net, spec, method, run_dtype, start, timeout, seed)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_dtype(network: nn.Module) -> torch.dtype:
+    """The one floating-point type the network computes in: float32 or float64. The rounding
+    model covers those; half types overflow it on any real layer width (k u >= 1)."""
+    dtypes = {t.dtype for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()}
+    if not dtypes:
+        return torch.float32
+    if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ValueError(
+            f"network must compute in float32 or float64 throughout, has {names} "
+            "(convert it with network.float())"
+        )
+    return dtypes.pop()
 
 
 def _verify(network, net, spec, method, run_dtype, start, timeout, seed) -> VerifyResult:
