@@ -832,6 +832,7 @@ def verify(
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if not isinstance(spec, Specification):
         raise ValueError(f"spec must be a Specification, got {type(spec).__name__}")
+    run_dtype = _run_dtype(network)
     try:
         net = prepare_network(network, input_shape, inputs=spec.inputs)
     except ValueError as error:
@@ -839,7 +840,6 @@ def verify(
             f"spec has {spec.inputs} inputs the network cannot take: {error}"
         ) from error
     _check_spec(spec, net)
-    run_dtype = _run_dtype(network)
 
     # A network with few inputs has layers too narrow for several threads to share: their
     # hand-offs cost more than the work, and on a busy machine a thread that waits for a
