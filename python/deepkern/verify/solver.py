@@ -857,6 +857,8 @@ def verify(
 def _run_dtype(network: nn.Module) -> torch.dtype:
     """The one floating-point type the network computes in: float32 or float64. The rounding
     model covers those; half types overflow it on any real layer width (k u >= 1)."""
+    if not isinstance(network, nn.Module):
+        return torch.float32  # prepare_network names what is wrong with it
     dtypes = {t.dtype for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()}
     if not dtypes:
         return torch.float32
