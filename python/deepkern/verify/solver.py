@@ -104,6 +104,10 @@ _NARROW_GAIN = 2.0
 _RELU_SPLIT_STEPS = 20
 # How often a subproblem with every ReLU fixed may come back unproven before "unknown".
 _FIXED_RETRIES = 25
+# The cost per unit of broken split constraint in the linear program of a subproblem whose
+# ReLUs are all fixed: above the multipliers a feasible subproblem needs, so its optimum is
+# exact, and large enough that an empty subproblem's optimum clears it.
+_ELASTIC_PENALTY = 1e4
 # Memory for what open ReLU-splitting subproblems inherit (bounds, slopes, multipliers).
 _STORED_BYTES_LIMIT = 2 << 30
 
@@ -529,7 +533,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             domains["slopes"][index] = (hi > -lo).float().unsqueeze(1).expand(shape)
             domains["multipliers"][index] = torch.zeros(shape)
     proven = math.inf
-    rounds = 0
+    rounds = undecided = 0
     remember = True
     steps = _RELU_SPLIT_STEPS if method == "alpha" else None
     while domains["disjunct"].shape[0]:
@@ -596,9 +600,16 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         # looked for a counterexample in them.
         fixed = layer < 0
         stalls = taken["stalls"][keep] + fixed.long()
-        exact_multipliers = _search_fixed(problem, result, keep, fixed, chosen, dj)
-        if bool((stalls > _FIXED_RETRIES).any()):
-            raise _Unknown
+        exact_multipliers, exact_clears = _search_fixed(problem, result, keep, fixed, chosen, dj)
+        done = torch.zeros_like(fixed)
+        for position, cleared_by in exact_clears.items():
+            done[position] = True
+            proven = min(proven, cleared_by)
+        # One that will not clear is set aside, and the search goes on without it: another
+        # subproblem may still hold a counterexample.
+        given_up = (stalls > _FIXED_RETRIES) & ~done
+        undecided += int(given_up.sum())
+        done |= given_up
 
         # Both children of every kept subproblem: first all active, then all inactive.
         parents = {
@@ -634,7 +645,7 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
                 here = layer == index
                 child["decisions"][index][rows_index[here], unit[here]] = side
             # A fixed subproblem goes back once, not as two equal children.
-            children.append(child if side > 0 else _select(child, ~fixed))
+            children.append(_select(child, ~done) if side > 0 else _select(child, ~fixed))
         domains = _concat([domains, *children])
         # What the parents pass on costs memory per subproblem; past a limit, the queue
         # forgets it and every subproblem starts afresh (slower, and bounded memory).
@@ -644,6 +655,9 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
             if "slopes" in domains:
                 domains["slopes"] = domains["multipliers"] = None
             problem.details["parents_forgotten_at"] = problem.details["domains"]
+    if undecided:
+        problem.details["undecided_subproblems"] = undecided
+        raise _Unknown
     return proven
 
 
@@ -657,34 +671,68 @@ def _stored_bytes(tree) -> int:
     return 0
 
 
-def _search_fixed(problem, result, keep, fixed, chosen, dj) -> dict[int, dict[int, Tensor]]:
+def _search_fixed(problem, result, keep, fixed, chosen, dj) -> tuple[dict, dict]:
     """Runs :func:`_search_affine_piece` on (at most four of) the kept subproblems marked
-    ``fixed``; returns their multipliers by position among the kept ones. A network with
-    sigmoid or tanh layers is not affine on any subproblem, and is left alone."""
-    found_by_position = {}
+    ``fixed``, and bounds each program's weighted row with its multipliers. Returns, by
+    position among the kept ones, the multipliers to resume from and the bounds (row score)
+    of the subproblems that this clears. A network with sigmoid or tanh layers is not affine
+    on any subproblem, and is left alone."""
+    found_by_position, cleared = {}, {}
     if any(kind != "relu" for kind in problem.net.activation_kinds):
-        return found_by_position
+        return found_by_position, cleared
+    net = problem.net
     for position in fixed.nonzero().squeeze(-1)[:4].tolist():
         row = keep.nonzero().squeeze(-1)[position]
         own = [(b_lo[row], b_hi[row]) for b_lo, b_hi in result.intermediate]
-        found = _search_affine_piece(problem, own, [d[position] for d in chosen], int(dj[position]))
-        if found is not None:
-            found_by_position[position] = found
-    return found_by_position
+        decisions = [d[position] for d in chosen]
+        disjunct = int(dj[position])
+        found = _search_affine_piece(problem, own, decisions, disjunct)
+        if found is None:
+            continue
+        multipliers, weights = found
+        found_by_position[position] = multipliers
+        # If the weighted mean of C y - d is positive, some row of the conjunction is.
+        weighted = weights @ problem.coefficients[disjunct]
+        threshold = weights @ problem.clear_at[disjunct]
+        units = net.activation_units
+        start = OptimisedVariables(
+            {},
+            {i: (m.reshape(1, 1, -1), m.reshape(1, 1, -1)) for i, m in multipliers.items()},
+        )
+        bound = compute_bounds(
+            net,
+            problem.proof_lower.reshape(1, -1),
+            problem.proof_upper.reshape(1, -1),
+            weighted.reshape(1, 1, -1),
+            "alpha",
+            splits=_split_tensors(net, [d.reshape(1, -1) for d in decisions]),
+            steps=0,
+            upper_bound=False,
+            intermediate=[(lo.reshape(1, u), hi.reshape(1, u)) for (lo, hi), u in zip(own, units)],
+            start=start,
+        )
+        score = float(bound.lower) - float(threshold)
+        if score > 0:
+            cleared[position] = score
+    return found_by_position, cleared
 
 
 def _search_affine_piece(
     problem: _Problem, intermediate: list, decisions: list, disjunct: int
-) -> dict[int, Tensor] | None:
+) -> tuple[dict[int, Tensor], Tensor] | None:
     """Looks for a counterexample in a subproblem on which the network is affine (every ReLU
     fixed by its bounds or a split): the point of the box and the split constraints that
     minimises the largest ``C y - d`` solves a linear program (HiGHS through SciPy, skipped
     when SciPy is missing). Raises _Counterexample when the network confirms it.
 
-    Otherwise returns the program's dual values of the split constraints, per activation layer
-    Tensor[units] (zero off the splits), scaled to one unit of objective: as multipliers of
-    the bound they make it the program's optimum, and the bound, unlike the program's floating
-    point answer, is rigorous. None when the program has no solution."""
+    The program is elastic: the split constraints may be broken by ``s >= 0`` at a cost of
+    ``_ELASTIC_PENALTY s``, so it always has a solution, and where the subproblem is empty
+    (bounds alone could not tell) its optimum is large. Returns its dual values of the split
+    constraints, per activation layer Tensor[units] (zero off the splits), scaled to one unit
+    of objective, and the weights of the rows (summing to one): as multipliers of the bound of
+    the rows so weighted, they bring it to the program's optimum (so an empty subproblem is
+    cleared), and the bound, unlike the program's floating point answer, is rigorous. None
+    when the program fails."""
     try:
         from scipy.optimize import linprog
     except ImportError:
@@ -693,8 +741,10 @@ def _search_affine_piece(
     inputs = net.inputs
     c, d = problem.coefficients[disjunct], problem.thresholds[disjunct]
     out_a, out_offset = affine_rows(net, intermediate, c)
-    # C y(x) - d <= t for every row; minimise t.
-    rows = [torch.cat([out_a, -torch.ones(c.shape[0], 1, dtype=out_a.dtype)], 1)]
+    # Variables x, t, s. C y(x) - d <= t for every row; splits broken by at most s;
+    # minimise t + penalty s.
+    no_slack = torch.zeros(c.shape[0], 1, dtype=out_a.dtype)
+    rows = [torch.cat([out_a, -torch.ones(c.shape[0], 1, dtype=out_a.dtype), no_slack], 1)]
     limits = [d - out_offset]
     placed = []
     for index, state in enumerate(decisions):
@@ -704,12 +754,14 @@ def _search_affine_piece(
         units = torch.eye(net.activation_units[index], dtype=net.dtype)[split]
         z_a, z_offset = affine_rows(net, intermediate, units, layer=index)
         sign = state[split].to(net.dtype).unsqueeze(-1)
-        # Active (sign 1): z >= 0, i.e. -z_a x <= z_offset; inactive: z_a x <= -z_offset.
-        rows.append(torch.cat([-sign * z_a, torch.zeros(split.numel(), 1, dtype=z_a.dtype)], 1))
+        # Active (sign 1): z >= -s, i.e. -z_a x - s <= z_offset; inactive: z_a x - s <= -z_offset.
+        t_and_s = torch.tensor([[0.0, -1.0]], dtype=z_a.dtype).expand(split.numel(), 2)
+        rows.append(torch.cat([-sign * z_a, t_and_s], 1))
         limits.append(sign.squeeze(-1) * z_offset)
         placed.append((index, split))
-    cost = [0.0] * inputs + [1.0]
-    box = list(zip(problem.proof_lower.tolist(), problem.proof_upper.tolist())) + [(None, None)]
+    cost = [0.0] * inputs + [1.0, _ELASTIC_PENALTY]
+    box = list(zip(problem.proof_lower.tolist(), problem.proof_upper.tolist()))
+    box += [(None, None), (0, None)]
     solution = linprog(
         cost,
         A_ub=torch.cat(rows).numpy(),
@@ -736,7 +788,7 @@ def _search_affine_piece(
         values[split] = duals[start : start + split.numel()] / weight
         multipliers[index] = values
         start += split.numel()
-    return multipliers
+    return multipliers, duals[: c.shape[0]] / weight
 
 
 def _branching_choice(result, keep, best_row, chosen, relu_layers) -> tuple[Tensor, Tensor]:
