@@ -418,6 +418,30 @@ def test_bad_input_names_the_argument():
         compute_bounds(network, lower, upper, row, "crown", intermediate_pass="sideways")
     with pytest.raises(ValueError, match="refresh"):
         compute_bounds(network, lower, upper, row, "crown", refresh=[None])
+    with pytest.raises(ValueError, match=r"refresh\[1\] must be a bool tensor \[2\]"):
+        compute_bounds(network, lower, upper, row, "crown", refresh=[None, torch.tensor([0, 1])])
+    wide = torch.zeros(2, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"splits\[0\] lo must be a tensor \[2, 12\]"):
+        compute_bounds(network, lower, upper, row, "crown", splits=[(wide, None), None])
+    with pytest.raises(ValueError, match=r"splits\[0\] must be a \(lo, hi\) pair"):
+        compute_bounds(network, lower, upper, row, "crown", splits=[wide[:, :2], None])
+    nan = torch.full((2, 12), math.nan, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"intermediate\[0\] hi must not hold NaN"):
+        compute_bounds(network, lower, upper, row, "crown", intermediate=[(None, nan), None])
+    with pytest.raises(ValueError, match=r"splits\[0\] lo must not hold inf"):
+        compute_bounds(
+            network,
+            lower,
+            upper,
+            row,
+            "crown",
+            splits=[(torch.full_like(nan, math.inf), None), None],
+        )
+    for steps in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a whole number"):
+            compute_bounds(network, lower, upper, row, "alpha", steps=steps)
+    with pytest.raises(ValueError, match="coefficients must be finite"):
+        compute_bounds(network, lower, upper, row * math.nan, "crown")
     with pytest.raises(ValueError, match="start must be OptimisedVariables"):
         compute_bounds(network, lower, upper, row, "alpha", start={"slopes": {}})
     wrong = OptimisedVariables({0: torch.zeros(2, 3, 12, dtype=torch.float64)})

@@ -986,13 +986,12 @@ def compute_bounds(
         )
     spec = coefficients.to(net.dtype)
     spec = spec.unsqueeze(0) if spec.dim() == 2 else spec
+    if not bool(torch.isfinite(spec).all()):
+        raise ValueError("coefficients must be finite")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps must be a whole number >= 0, got {steps!r}")
     _check_start(start, batch, spec.shape[1] * (2 if upper_bound else 1), net)
-    for name, given in (("splits", splits), ("intermediate", intermediate), ("refresh", refresh)):
-        if given is not None and len(given) != len(net.activation_units):
-            raise ValueError(
-                f"{name} must have one entry per activation layer "
-                f"({len(net.activation_units)}), got {len(given)}"
-            )
+    _check_layer_arguments(net, batch, splits, intermediate, refresh)
 
     with torch.no_grad():
         if method == "ibp":
@@ -1054,6 +1053,52 @@ def compute_bounds(
         variables if method == "alpha" else None,
     )
     return _mark_empty(result)
+
+
+def _check_layer_arguments(net: PreparedNetwork, batch: int, splits, intermediate, refresh):
+    """splits and intermediate: per activation layer None or a (lo, hi) pair of None or
+    Tensor[B or 1, units] without NaN; refresh: per layer None or a bool Tensor[B]."""
+    layers = len(net.activation_units)
+    for name, given in (("splits", splits), ("intermediate", intermediate), ("refresh", refresh)):
+        if given is None:
+            continue
+        if not isinstance(given, (list, tuple)) or len(given) != layers:
+            count = len(given) if isinstance(given, (list, tuple)) else type(given).__name__
+            raise ValueError(
+                f"{name} must be a list with one entry per activation layer ({layers}), got {count}"
+            )
+        for index, entry in enumerate(given):
+            if entry is None:
+                continue
+            units = net.activation_units[index]
+            if name == "refresh":
+                if not (
+                    isinstance(entry, Tensor)
+                    and entry.dtype == torch.bool
+                    and tuple(entry.shape) == (batch,)
+                ):
+                    raise ValueError(f"refresh[{index}] must be a bool tensor [{batch}] or None")
+                continue
+            if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                raise ValueError(f"{name}[{index}] must be a (lo, hi) pair or None")
+            for side, bound in zip(("lo", "hi"), entry):
+                if bound is None:
+                    continue
+                if not isinstance(bound, Tensor) or tuple(bound.shape) not in (
+                    (batch, units),
+                    (1, units),
+                    (units,),
+                ):
+                    shape = tuple(bound.shape) if isinstance(bound, Tensor) else type(bound)
+                    raise ValueError(
+                        f"{name}[{index}] {side} must be a tensor [{batch}, {units}], got {shape}"
+                    )
+                if bool(torch.isnan(bound).any()):
+                    raise ValueError(f"{name}[{index}] {side} must not hold NaN")
+                # Only the outer infinity (no bound) makes sense on each side.
+                wrong = math.inf if side == "lo" else -math.inf
+                if bool((bound == wrong).any()):
+                    raise ValueError(f"{name}[{index}] {side} must not hold {wrong}")
 
 
 def _check_start(start, batch: int, rows: int, net: PreparedNetwork) -> None:
