@@ -34,7 +34,8 @@ bounds cannot clear:
   Every subproblem's bound points at a corner of the box (the minimiser of its linear lower
   bound), which is tried as a counterexample; the worst subproblems get PGD from there. Where
   every ReLU is fixed the network is affine, and a linear program finds the subproblem's worst
-  point exactly.
+  point exactly; its duals, as the bound's multipliers, prove the subproblem when the program
+  says it is clear (the bound, not the program's floating point answer, decides).
 
 Before any splitting, the root bound's corners seed a second gradient attack: around the
 center of a box the network can be flat (no gradient, so PGD from random points stalls), while
