@@ -136,6 +136,21 @@ def test_a_contradictory_conjunction_is_cleared_at_the_root():
     assert "domains" not in result.details
 
 
+@pytest.mark.parametrize("method", ["ibp", "crown", "dual"])
+def test_relu_splitting_with_every_bound_method(method):
+    network = _mlp((40, 8, 8, 2), seed=11)
+    center = torch.rand(40, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    lower, upper = center - 0.05, center + 0.05
+    row = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    exact = _milp_minimum(network.double(), lower, upper, row)
+    network = network.float()
+    spec = _spec(lower, upper, [(row[None], [exact - 0.05])])
+    result = verify(network, spec, timeout=60, method=method)
+    assert result.verdict == "unsat"
+    spec = _spec(lower, upper, [(row[None], [exact + 0.05])])
+    _check_counterexample(network, spec, verify(network, spec, timeout=60, method=method))
+
+
 @pytest.mark.parametrize("memory", ["inherited", "forgotten"])
 def test_relu_splitting_on_many_inputs_matches_the_exact_minimum(monkeypatch, memory):
     # 40 inputs send the search to ReLU splitting; a MIP gives the exact answer. Without

@@ -795,23 +795,23 @@ def _search_affine_piece(
 def _branching_choice(result, keep, best_row, chosen, relu_layers) -> tuple[Tensor, Tensor]:
     """Per kept subproblem, the (layer, unit) of the unstable, unsplit ReLU with the highest
     BaBSR intercept score: the backward coefficient's magnitude (where it takes the upper
-    line) times the chord's offset ``-u l / (u - l)``. Layer -1 where none is left."""
+    line) times the chord's offset ``-u l / (u - l)``; IBP has no backward coefficients, and
+    its score is the offset alone. Layer -1 where none is left."""
     count = best_row.shape[0]
     best_score = torch.full((count,), -1.0, dtype=torch.float64)
     best_layer = torch.full((count,), -1, dtype=torch.long)
     best_unit = torch.zeros(count, dtype=torch.long)
+    records = result.activation_coefficients or [None] * len(result.intermediate)
     for index in relu_layers:
-        record = result.activation_coefficients[index]
-        if record is None:
-            continue
         low, high = result.intermediate[index]
         low, high = low[keep], high[keep]
-        a = record[keep][torch.arange(count), best_row]
         unstable = (low < 0) & (high > 0) & (chosen[index] == 0)
         offset = -high * low / (high - low).clamp_min(1e-30)
-        layer_score = torch.where(
-            unstable, a.clamp(max=0).abs() * offset + 1e-6 * (high - low), -1.0
-        )
+        if records[index] is not None:
+            weight = records[index][keep][torch.arange(count), best_row].clamp(max=0).abs()
+        else:
+            weight = torch.ones_like(offset)
+        layer_score = torch.where(unstable, weight * offset + 1e-6 * (high - low), -1.0)
         value, unit = layer_score.max(-1)
         better = (value > best_score) & (value >= 0)
         best_score = torch.where(better, value, best_score)
