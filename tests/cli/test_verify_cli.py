@@ -84,6 +84,27 @@ def test_missing_property_and_result_folder(tmp_path, capsys):
     # A folder where a file belongs is refused before anything runs.
     assert main(["verify", network, spec, "--result", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # The run's own inputs are never overwritten, and an empty name is not a file name.
+    assert main(["verify", network, spec, "--result", spec]) == 2
+    assert "is an input of the run" in capsys.readouterr().err
+    assert main(["verify", network, spec, "--result", ""]) == 2
+    assert "--result needs a file name" in capsys.readouterr().err
+
+
+def test_instance_list_is_not_its_own_results_table(tmp_path, capsys):
+    listing = tmp_path / "instances.csv"
+    listing.write_text("a.onnx,b.vnnlib,5\n")
+    assert main(["verify", "--instances", str(listing), "--results", str(listing)]) == 2
+    assert "is an input of the run" in capsys.readouterr().err
+    assert listing.read_text() == "a.onnx,b.vnnlib,5\n"
+
+
+def test_a_property_that_is_not_text(tmp_path, capsys):
+    network = _relu_network(tmp_path / "relu.onnx")
+    spec = tmp_path / "binary.vnnlib"
+    spec.write_bytes(b"(declare-const X_0 Real)\n\xff\xfe\x00")
+    assert main(["verify", network, str(spec)]) == 2
+    assert "binary.vnnlib: not a text file" in capsys.readouterr().err
 
 
 def test_instance_list_that_does_not_exist(tmp_path, capsys):

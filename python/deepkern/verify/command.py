@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -114,16 +115,38 @@ def run_verify(args: argparse.Namespace) -> int:
     for what, path in (("network", args.network), ("property", args.spec)):
         if not os.path.isfile(path):
             raise ValueError(f"{what} {path}: no such file")
-    _check_writable("--result", args.result)
+    _check_writable("--result", args.result, inputs=(args.network, args.spec))
     return _run_one(args)
 
 
-def _check_writable(option: str, path: str | None) -> None:
+def _check_writable(option: str, path: str | None, inputs: tuple = ()) -> None:
     # Checked before any instance runs: a list can take hours, and its table comes last.
-    if path and os.path.isdir(path):
+    if path is None:
+        return
+    if not path:
+        raise ValueError(f"{option} needs a file name")
+    if os.path.isdir(path):
         raise ValueError(f"{option} {path} is a folder; give the name of a file")
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise ValueError(f"{option} {path}: the folder {os.path.dirname(path)} does not exist")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    for given in inputs:
+        if (
+            given
+            and os.path.exists(given)
+            and os.path.exists(path)
+            and os.path.samefile(given, path)
+        ):
+            raise ValueError(f"{option} {path} is an input of the run; it would be overwritten")
+    probe = None
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+        os.close(descriptor)
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write in {folder} ({error.strerror})") from error
+    finally:
+        if probe is not None:
+            os.remove(probe)
 
 
 def _run_one(args: argparse.Namespace) -> int:
@@ -137,7 +160,10 @@ def _run_one(args: argparse.Namespace) -> int:
         x, y = outcome.counterexample
         print(f"counterexample: x = {_preview(x)}, network(x) = {_preview(y)}")
     if args.result:
-        write_result(args.result, outcome.verdict, outcome.counterexample)
+        try:
+            write_result(args.result, outcome.verdict, outcome.counterexample)
+        except OSError as error:
+            raise ValueError(f"--result: {error.strerror}") from error
         print(f"result written to {args.result}")
     return 0
 
@@ -147,7 +173,7 @@ def _run_instances(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.timeout_scale) and args.timeout_scale > 0):
         raise ValueError(f"--timeout-scale must be positive, got {args.timeout_scale}")
-    _check_writable("--results", args.results)
+    _check_writable("--results", args.results, inputs=(args.instances,))
     try:
         instances = read_instances(args.instances)
     except OSError as error:
@@ -194,7 +220,10 @@ def _run_instances(args: argparse.Namespace) -> int:
     counts = {v: sum(r.verdict == v for r in rows) for v in dict.fromkeys(r.verdict for r in rows)}
     print(", ".join(f"{count} {verdict}" for verdict, count in counts.items()))
     if args.results:
-        write_results_csv(args.results, rows)
+        try:
+            write_results_csv(args.results, rows)
+        except OSError as error:
+            raise ValueError(f"--results: {error.strerror}") from error
         print(f"results written to {args.results}")
     return 1 if failures else 0
 

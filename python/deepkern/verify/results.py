@@ -280,16 +280,20 @@ def read_results_csv(path: str) -> list[InstanceResult]:
 
 
 def _write_atomically(path: str, text: str) -> None:
+    """Writes through a temporary file beside ``path``, so a failure leaves no half file; an
+    error names ``path``, not the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    temporary = None
     try:
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {path} ({error.strerror})") from error
+    finally:
+        if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
-        raise
 
 
 __all__ = [

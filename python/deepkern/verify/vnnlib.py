@@ -107,7 +107,10 @@ def parse_vnnlib(path: str, inputs: int, outputs: int) -> Specification:
     if inputs < 1 or outputs < 1:
         raise ValueError(f"inputs and outputs must be positive, got {inputs} and {outputs}")
     with open(path, encoding="utf-8") as file:
-        text = file.read()
+        try:
+            text = file.read()
+        except UnicodeDecodeError as error:
+            raise VnnlibError(f"{path}: not a text file ({error.reason})") from error
     try:
         return _Reader(inputs, outputs).read(text)
     except VnnlibError as error:
