@@ -418,6 +418,15 @@ def test_two_data_inputs_are_refused(tmp_path):
     assert "one data input" in message and "'x'" in message and "'z'" in message
 
 
+def test_weights_and_inputs_in_another_float_type_are_refused(tmp_path):
+    weight = numpy_helper.from_array(_random(3, 2).astype(np.float16), "W")
+    message = _error(tmp_path, [helper.make_node("MatMul", ["x", "W"], ["y"])], constants=[weight])
+    assert "initializer 'W' is float16, the input is float32" in message
+    half = [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3])]
+    message = _error(tmp_path, [helper.make_node("Relu", ["x"], ["y"])], inputs=half)
+    assert "must hold float or double, got float16" in message
+
+
 def test_unsupported_operator_is_refused(tmp_path):
     message = _error(tmp_path, [helper.make_node("Softmax", ["x"], ["y"], name="probs")])
     assert "'probs' (Softmax)" in message and "not supported" in message

@@ -105,6 +105,14 @@ class _GraphReader:
         for initializer in self.graph.initializer:
             self.constants[initializer.name] = numpy_helper.to_array(initializer)
         input_name, dtype = self._data_input()
+        # ONNX arithmetic takes both operands in one type; a weight in another type makes an
+        # invalid model (the checker refuses it) that no verdict should be given for.
+        expected = np.float32 if dtype == torch.float32 else np.float64
+        for name, value in self.constants.items():
+            if np.issubdtype(value.dtype, np.floating) and value.dtype != expected:
+                raise OnnxImportError(
+                    f"initializer {name!r} is {value.dtype}, the input is {np.dtype(expected)}"
+                )
         output_name = self._single_output()
         input_sample = self.layouts[input_name].sample
 
@@ -135,7 +143,8 @@ class _GraphReader:
         elem_type = data.type.tensor_type.elem_type
         if elem_type not in dtypes:
             raise OnnxImportError(
-                f"input {data.name!r} must hold float or double, got ONNX type {elem_type}"
+                f"input {data.name!r} must hold float or double, got "
+                f"{TensorProto.DataType.Name(elem_type).lower()}"
             )
 
         # A symbolic or zero first dimension is the batch; every other one must be known.
