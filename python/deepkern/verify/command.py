@@ -114,7 +114,8 @@ def run_verify(args: argparse.Namespace) -> int:
         raise ValueError("give NET.onnx and SPEC.vnnlib, or --instances FILE.csv")
     for what, path in (("network", args.network), ("property", args.spec)):
         if not os.path.isfile(path):
-            raise ValueError(f"{what} {path}: no such file")
+            problem = "is a folder, not a file" if os.path.isdir(path) else "no such file"
+            raise ValueError(f"{what} {path}: {problem}")
     _check_writable("--result", args.result, inputs=(args.network, args.spec))
     return _run_one(args)
 
