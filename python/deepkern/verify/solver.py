@@ -1000,11 +1000,15 @@ def _prove(problem: _Problem, method: str) -> float:
     proven = float(score[score > 0].min()) if bool((score > 0).any()) else math.inf
     if open_disjuncts.shape[0] == 0:
         return proven
-    if first.input_coefficients is not None:
-        # A second attack, from the corners the bounds point at.
+    # A second attack, from the corners that alpha-CROWN's bounds point at (optimised slopes
+    # point nearer the worst inputs than CROWN's, and IBP and the dual give no corners).
+    seeds = first
+    if method != "alpha":
+        seeds = compute_bounds(net, lo, hi, problem.coefficients, "alpha", upper_bound=False)
+    if seeds.input_coefficients is not None:
         still = score <= 0
-        best_row = (first.lower - problem.clear_at[every]).argmax(-1)[still]
-        corners = _bound_corners(first.input_coefficients[still], lo[still], hi[still], best_row)
+        best_row = (seeds.lower - problem.clear_at[every]).argmax(-1)[still]
+        corners = _bound_corners(seeds.input_coefficients[still], lo[still], hi[still], best_row)
         seeded = torch.cat([corners, (corners + lo[still]) / 2, (corners + hi[still]) / 2])
         problem.attack(
             lo[still].repeat(3, 1),
