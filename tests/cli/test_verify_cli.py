@@ -12,6 +12,7 @@ import pytest
 
 from deepkern.cli import main
 from deepkern.verify.results import read_result, read_results_csv
+from tests.verify.shared_data import SHARED
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -261,19 +262,9 @@ def test_relu_on_the_unit_box_end_to_end(tmp_path, capsys, method):
     capsys.readouterr()
 
 
-def _shared_verification_data() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    candidates = [
-        os.environ.get("DEEPKERN_VERIFICATION_DATA", ""),
-        os.path.join(root, "..", "shared", "data", "verification"),
-        os.path.join(root, "..", "..", "shared", "data", "verification"),
-    ]
-    return next((os.path.abspath(c) for c in candidates if c and os.path.isdir(c)), "")
-
-
 def test_vnncomp_test_instances_end_to_end(tmp_path, capsys):
     _real_solver()
-    shared = _shared_verification_data()
+    shared = SHARED
     listing = os.path.join(shared, "test", "test_instances.csv")
     if not os.path.exists(listing):
         pytest.skip("shared verification data absent")
@@ -298,7 +289,7 @@ def test_acasxu_counterexample_holds_under_onnx_reference(tmp_path, capsys):
 
     from deepkern.verify.vnnlib import parse_vnnlib
 
-    shared = _shared_verification_data()
+    shared = SHARED
     network = os.path.join(shared, "acasxu", "ACASXU_run2a_1_9_batch_2000.onnx")
     prop = os.path.join(shared, "acasxu", "prop_4.vnnlib")
     if not (os.path.exists(network) and os.path.exists(prop)):

@@ -15,22 +15,7 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from deepkern.verify import ElementwiseAffine, Reshape  # noqa: E402
 from deepkern.verify.onnx_loader import OnnxImportError, load_onnx  # noqa: E402
-
-
-def _shared_verification_data() -> str:
-    # The benchmark files live in shared/data/verification beside the repository (or beside
-    # the folder that holds its worktrees); DEEPKERN_VERIFICATION_DATA overrides.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    candidates = [
-        os.environ.get("DEEPKERN_VERIFICATION_DATA", ""),
-        os.path.join(root, "..", "shared", "data", "verification"),
-        os.path.join(root, "..", "..", "shared", "data", "verification"),
-    ]
-    return next((os.path.abspath(c) for c in candidates if c and os.path.isdir(c)), "")
-
-
-SHARED = _shared_verification_data()
-needs_data = pytest.mark.skipif(not SHARED, reason="shared verification data absent")
+from tests.verify.shared_data import SHARED, needs_data  # noqa: E402
 
 
 def _assert_matches_reference(path, samples=4, low=-1.0, high=1.0, seed=0):

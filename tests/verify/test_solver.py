@@ -13,6 +13,7 @@ from torch import nn
 from deepkern.verify import Disjunct, Region, Specification, solver
 from deepkern.verify.bounds import compute_bounds
 from deepkern.verify.solver import verify
+from tests.verify.shared_data import SHARED
 from tests.verify.test_bounds import _milp_minimum
 
 
@@ -249,23 +250,13 @@ def test_bad_arguments_are_named():
         verify(mixed, spec, timeout=1)
 
 
-def _shared_verification_data() -> str | None:
-    override = os.environ.get("DEEPKERN_VERIFICATION_DATA")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for folder in (
-        override,
-        os.path.join(root, "..", "shared", "data", "verification"),
-        os.path.join(root, "..", "..", "shared", "data", "verification"),
-    ):
-        if folder and os.path.isdir(os.path.join(folder, "acasxu")):
-            return folder
-    return None
+DATA = SHARED
 
 
-DATA = _shared_verification_data()
-
-
-@pytest.mark.skipif(DATA is None, reason="verification benchmark data absent")
+@pytest.mark.skipif(
+    not DATA or not os.path.isdir(os.path.join(DATA, "acasxu")),
+    reason="verification benchmark data absent",
+)
 @pytest.mark.parametrize(
     ("network_file", "property_file", "expected"),
     [

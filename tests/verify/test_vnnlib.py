@@ -10,22 +10,7 @@ import torch
 
 from deepkern.verify.solver import verify
 from deepkern.verify.vnnlib import VnnlibError, parse_vnnlib
-
-
-def _shared_verification_data() -> str:
-    # The benchmark files live in shared/data/verification beside the repository (or beside
-    # the folder that holds its worktrees); DEEPKERN_VERIFICATION_DATA overrides.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    candidates = [
-        os.environ.get("DEEPKERN_VERIFICATION_DATA", ""),
-        os.path.join(root, "..", "shared", "data", "verification"),
-        os.path.join(root, "..", "..", "shared", "data", "verification"),
-    ]
-    return next((os.path.abspath(c) for c in candidates if c and os.path.isdir(c)), "")
-
-
-SHARED = _shared_verification_data()
-needs_data = pytest.mark.skipif(not SHARED, reason="shared verification data absent")
+from tests.verify.shared_data import SHARED, needs_data
 
 
 def _shared(name):
