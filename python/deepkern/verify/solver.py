@@ -501,7 +501,9 @@ def _concat(trees: list):
     return first
 
 
-def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -> float:
+def _relu_split(
+    problem: _Problem, disjuncts: Tensor, method: str, batch: int, root_bounds=None
+) -> float:
     """ReLU-splitting branch and bound, lowest bounds first; returns the proven bound.
 
     Every open subproblem carries what its parent learnt: its pre-activation bounds (valid
@@ -511,9 +513,13 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
     net = problem.net
     relu_layers = [i for i, k in enumerate(net.activation_kinds) if k == "relu"]
     count, rows = disjuncts.shape[0], problem.coefficients.shape[1]
-    # The root's pre-activation bounds are every subproblem's starting point.
-    box = problem.proof_lower.reshape(1, -1), problem.proof_upper.reshape(1, -1)
-    root = compute_bounds(net, *box, problem.coefficients[:1], "crown", upper_bound=False)
+    # The root's pre-activation bounds (one box, [1, units] per layer; CROWN's unless given)
+    # are every subproblem's starting point.
+    if root_bounds is None:
+        box = problem.proof_lower.reshape(1, -1), problem.proof_upper.reshape(1, -1)
+        root_bounds = compute_bounds(
+            net, *box, problem.coefficients[:1], "crown", upper_bound=False
+        ).intermediate
     layers = len(net.activation_units)
     domains = {
         "disjunct": disjuncts,
@@ -523,13 +529,13 @@ def _relu_split(problem: _Problem, disjuncts: Tensor, method: str, batch: int) -
         "last_split": torch.full((count,), layers, dtype=torch.long),
         # How often the subproblem came back with every ReLU fixed.
         "stalls": torch.zeros(count, dtype=torch.long),
-        "bounds": [(lo.expand(count, -1), hi.expand(count, -1)) for lo, hi in root.intermediate],
+        "bounds": [(lo.expand(count, -1), hi.expand(count, -1)) for lo, hi in root_bounds],
     }
     if method == "alpha":
         domains["slopes"] = {}
         domains["multipliers"] = {}
         for index in relu_layers:
-            lo, hi = root.intermediate[index]
+            lo, hi = root_bounds[index]
             shape = (count, rows, lo.shape[-1])
             domains["slopes"][index] = (hi > -lo).float().unsqueeze(1).expand(shape)
             domains["multipliers"][index] = torch.zeros(shape)
@@ -1025,5 +1031,10 @@ def _prove(problem: _Problem, method: str) -> float:
     else:
         problem.details["strategy"] = "relu split"
         # The dual bound takes the CROWN family's place inside the search (see _prove's caller).
-        found = _relu_split(problem, open_disjuncts, "alpha" if method == "dual" else method, 64)
+        # The first pass's pre-activation bounds serve the search, unless IBP's (looser).
+        root_bounds = None
+        if method != "ibp":
+            root_bounds = [(lo[:1], hi[:1]) for lo, hi in first.intermediate]
+        search_method = "alpha" if method == "dual" else method
+        found = _relu_split(problem, open_disjuncts, search_method, 64, root_bounds)
     return min(proven, found)
